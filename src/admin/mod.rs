@@ -1,0 +1,81 @@
+//! The admin listener: `/healthz`, `/readyz` (and, with GRIP, the publish and connection APIs).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ReloadStatus;
+use crate::server::{Gateway, ResponseBody, text_response};
+
+/// What the admin endpoints report on.
+#[derive(Debug)]
+pub struct AdminState {
+    /// The gateway.
+    pub gateway: Arc<Gateway>,
+    /// Set once the client listener is bound and serving.
+    pub listening: AtomicBool,
+    /// Routes-file reload status, when a file is used.
+    pub reload: Option<Arc<ReloadStatus>>,
+}
+
+impl AdminState {
+    /// Why the gateway is not ready, or `None` when it is.
+    pub fn not_ready_reason(&self) -> Option<&'static str> {
+        if self.gateway.draining.load(Ordering::SeqCst) {
+            return Some("draining");
+        }
+        if !self.listening.load(Ordering::SeqCst) {
+            return Some("listener not bound");
+        }
+        None
+    }
+}
+
+/// Serves the admin API until `stop` fires.
+pub async fn run(listener: TcpListener, state: Arc<AdminState>, stop: CancellationToken) {
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(cause = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            () = stop.cancelled() => return,
+        };
+        let st = state.clone();
+        let svc = service_fn(move |req: Request<Incoming>| {
+            let st = st.clone();
+            async move { Ok::<_, Infallible>(route(&st, req).await) }
+        });
+        tokio::spawn(async move {
+            let mut b = hyper::server::conn::http1::Builder::new();
+            b.timer(TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10));
+            let _ = b.serve_connection(TokioIo::new(stream), svc).await;
+        });
+    }
+}
+
+async fn route(st: &AdminState, req: Request<Incoming>) -> Response<ResponseBody> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/healthz") => text_response(StatusCode::OK, "ok\n"),
+        (&Method::GET, "/readyz") => match st.not_ready_reason() {
+            None => {
+                let version = st.gateway.table.load().version();
+                text_response(StatusCode::OK, format!("ready (routes version {version})\n"))
+            }
+            Some(r) => text_response(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {r}\n")),
+        },
+        _ => text_response(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}

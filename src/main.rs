@@ -1,0 +1,205 @@
+//! The `wsgate` binary: parse the command line, load configuration, run.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+use wsgate::admin::{self, AdminState};
+use wsgate::config::{self, DurationSpec, ReloadStatus, Route, RouteTable};
+use wsgate::server::{self, Gateway, GatewaySettings};
+
+/// Exit code for bad configuration (EX_CONFIG-like, as linkerd uses 64).
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser, Debug)]
+#[command(name = "wsgate", version, about = "WebSocket-over-HTTP gateway")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value = "text", env = "WSGATE_LOG_FORMAT")]
+    log_format: LogFormat,
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `wsgate=debug`.
+    #[arg(long, global = true, default_value = "info", env = "WSGATE_LOG")]
+    log_level: String,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the data plane.
+    Gateway(GatewayArgs),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct GatewayArgs {
+    /// Address for WebSocket and plain HTTP clients.
+    #[arg(long, default_value = "0.0.0.0:8080", env = "WSGATE_LISTEN")]
+    listen: SocketAddr,
+    /// One catch-all route to this backend URL (http, https, ws or wss).
+    #[arg(long, env = "WSGATE_BACKEND", conflicts_with = "config")]
+    backend: Option<String>,
+    /// Routes file (YAML), reloaded on change.
+    #[arg(long, env = "WSGATE_CONFIG")]
+    config: Option<PathBuf>,
+    /// How often the routes file is checked for changes.
+    #[arg(long, default_value = "1s")]
+    reload_interval: DurationSpec,
+    /// Address of the admin listener (/healthz, /readyz).
+    #[arg(long, default_value = "127.0.0.1:9090", env = "WSGATE_ADMIN_LISTEN")]
+    admin_listen: SocketAddr,
+    /// Most concurrent WebSocket connections (the next handshake gets 503).
+    #[arg(long, default_value_t = 50_000)]
+    max_connections: usize,
+    /// Time a client has to send its handshake request headers.
+    #[arg(long, default_value = "10s")]
+    handshake_timeout: DurationSpec,
+    /// After SIGTERM, keep serving open connections this long before closing them.
+    #[arg(long, default_value = "5s")]
+    drain_period: DurationSpec,
+    /// Spread the 1001 closes over this window.
+    #[arg(long, default_value = "1s")]
+    close_pacing: DurationSpec,
+    /// Hard limit for the whole shutdown.
+    #[arg(long, default_value = "25s")]
+    shutdown_timeout: DurationSpec,
+    /// Most request headers accepted from a client.
+    #[arg(long, default_value_t = 100)]
+    max_headers: usize,
+}
+
+fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).context("--log-level")?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(e) = init_logging(cli.log_format, &cli.log_level) {
+        eprintln!("wsgate: {e:#}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("wsgate: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Command::Gateway(args) => rt.block_on(gateway(args)),
+    }
+}
+
+fn load_table(args: &GatewayArgs) -> Result<RouteTable, String> {
+    if let Some(path) = &args.config {
+        return config::load_routes_file(path).map_err(|e| format!("{}:\n{e}", path.display()));
+    }
+    let Some(url) = &args.backend else {
+        return Err("one of --backend URL or --config FILE is required".into());
+    };
+    let route = Route::catch_all(url).map_err(|e| format!("--backend: {e}"))?;
+    RouteTable::new(vec![route], 1).map_err(|e| e.to_string())
+}
+
+async fn gateway(args: GatewayArgs) -> ExitCode {
+    let table = match load_table(&args) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("wsgate: bad configuration: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let settings = GatewaySettings {
+        max_connections: args.max_connections,
+        handshake_timeout: args.handshake_timeout.get(),
+        drain_period: args.drain_period.get(),
+        close_pacing: args.close_pacing.get(),
+        shutdown_timeout: args.shutdown_timeout.get(),
+        max_headers: args.max_headers,
+        ..GatewaySettings::default()
+    };
+    let table = Arc::new(ArcSwap::from_pointee(table));
+    let gw = Arc::new(Gateway::new(table.clone(), settings));
+    let stop = CancellationToken::new();
+    let listener = match tokio::net::TcpListener::bind(args.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("wsgate: cannot listen on {}: {e}", args.listen);
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let admin_listener = match tokio::net::TcpListener::bind(args.admin_listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("wsgate: cannot listen on {}: {e}", args.admin_listen);
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let reload = args.config.as_ref().map(|path| {
+        let status = Arc::new(ReloadStatus::default());
+        tokio::spawn(config::watch_routes_file(
+            path.clone(),
+            args.reload_interval.get(),
+            table.clone(),
+            status.clone(),
+            stop.clone(),
+        ));
+        status
+    });
+    let admin_state = Arc::new(AdminState {
+        gateway: gw.clone(),
+        listening: Default::default(),
+        reload,
+    });
+    let admin_stop = CancellationToken::new();
+    let admin_task = tokio::spawn(admin::run(admin_listener, admin_state.clone(), admin_stop.clone()));
+    tracing::info!(
+        listen = %listener.local_addr().map_or(args.listen, |a| a),
+        admin = %args.admin_listen,
+        routes = table.load().routes().len(),
+        "wsgate gateway started"
+    );
+    admin_state.listening.store(true, std::sync::atomic::Ordering::SeqCst);
+    let server_task = tokio::spawn(server::run(listener, gw.clone(), stop.clone()));
+    wait_for_signal().await;
+    tracing::info!("shutdown: readiness off, draining");
+    gw.draining.store(true, std::sync::atomic::Ordering::SeqCst);
+    stop.cancel();
+    gw.drain().await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), server_task).await;
+    admin_stop.cancel();
+    let _ = admin_task.await;
+    tracing::info!("shutdown complete");
+    ExitCode::SUCCESS
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        // Without signal handlers the process can only be killed; run until then.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

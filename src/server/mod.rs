@@ -1,0 +1,266 @@
+//! The client listener: accept, route match, connection limits, the WebSocket handshake (the
+//! OPEN exchange happens before the client's `101`), plain-HTTP pass-through, and drain.
+
+mod handshake;
+mod proxy;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::RouteTable;
+use crate::grip::Registry;
+use crate::transport::backend::{BackendPool, ProxyBody, full_body};
+
+/// Settings of the gateway process (flags), as opposed to per-route settings.
+#[derive(Debug, Clone)]
+pub struct GatewaySettings {
+    /// Most concurrent WebSocket connections; the next handshake gets `503`.
+    pub max_connections: usize,
+    /// Time a client has to send its complete handshake request headers.
+    pub handshake_timeout: Duration,
+    /// After SIGTERM, open connections are served this long before they are closed.
+    pub drain_period: Duration,
+    /// Closes with 1001 are spread over this window so clients don't reconnect at once.
+    pub close_pacing: Duration,
+    /// Hard limit for the whole shutdown (drain + close + backend CLOSE requests).
+    pub shutdown_timeout: Duration,
+    /// Idle backend connections are kept this long.
+    pub backend_idle_timeout: Duration,
+    /// Idle backend connections kept per backend host.
+    pub backend_max_idle_per_host: usize,
+    /// Most request headers accepted from a client.
+    pub max_headers: usize,
+}
+
+impl Default for GatewaySettings {
+    fn default() -> Self {
+        Self {
+            max_connections: 50_000,
+            handshake_timeout: Duration::from_secs(10),
+            drain_period: Duration::from_secs(5),
+            close_pacing: Duration::from_secs(1),
+            shutdown_timeout: Duration::from_secs(25),
+            backend_idle_timeout: Duration::from_secs(90),
+            backend_max_idle_per_host: 1024,
+            max_headers: 100,
+        }
+    }
+}
+
+/// Counters of the data plane.
+#[derive(Debug, Default)]
+pub struct GatewayStats {
+    /// WebSocket connections open now.
+    pub open_connections: AtomicUsize,
+    /// Handshakes accepted.
+    pub handshakes_accepted: AtomicU64,
+    /// Handshakes rejected by the backend.
+    pub handshakes_rejected: AtomicU64,
+    /// Handshakes failed (backend unreachable or malformed).
+    pub handshakes_failed: AtomicU64,
+    /// Handshakes refused for the connection limit.
+    pub handshakes_over_limit: AtomicU64,
+    /// Plain HTTP requests proxied.
+    pub http_requests: AtomicU64,
+    /// Messages from clients.
+    pub client_messages: AtomicU64,
+    /// Messages to clients.
+    pub backend_messages: AtomicU64,
+}
+
+/// Shared state of one gateway process.
+pub struct Gateway {
+    /// The route table (swapped atomically on reload).
+    pub table: Arc<ArcSwap<RouteTable>>,
+    /// Backend clients.
+    pub pool: BackendPool,
+    /// Connections and channels.
+    pub registry: Arc<Registry>,
+    /// Process settings.
+    pub settings: GatewaySettings,
+    /// Counters.
+    pub stats: GatewayStats,
+    /// Fired to close open connections (after the drain period).
+    pub close_connections: CancellationToken,
+    /// Tracks connection tasks for shutdown.
+    pub tracker: TaskTracker,
+    /// Set when shutdown begins (readiness fails).
+    pub draining: AtomicBool,
+    /// Called when a channel gains its first / loses its last local subscriber.
+    pub on_channel: Option<Arc<dyn Fn(&str, bool) + Send + Sync>>,
+    /// Notified whenever a WebSocket connection ends.
+    pub conn_closed: tokio::sync::Notify,
+    conn_limit: Arc<Semaphore>,
+    route_conns: Mutex<HashMap<String, Arc<AtomicUsize>>>,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway").finish_non_exhaustive()
+    }
+}
+
+impl Gateway {
+    /// A gateway over a route table.
+    pub fn new(table: Arc<ArcSwap<RouteTable>>, settings: GatewaySettings) -> Self {
+        Self {
+            table,
+            pool: BackendPool::new(settings.backend_idle_timeout, settings.backend_max_idle_per_host),
+            registry: Arc::new(Registry::new()),
+            conn_limit: Arc::new(Semaphore::new(settings.max_connections)),
+            settings,
+            stats: GatewayStats::default(),
+            close_connections: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            draining: AtomicBool::new(false),
+            on_channel: None,
+            conn_closed: tokio::sync::Notify::new(),
+            route_conns: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn route_counter(&self, route: &str) -> Arc<AtomicUsize> {
+        // Poisoning cannot leave the map inconsistent (single insert).
+        let mut m = self.route_conns.lock().unwrap_or_else(|e| e.into_inner());
+        m.entry(route.to_owned()).or_default().clone()
+    }
+
+    /// Drains: waits `drain_period` serving connections, then closes them with 1001 (paced),
+    /// waits for their backend CLOSE requests, bounded by `shutdown_timeout`.
+    pub async fn drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        let start = tokio::time::Instant::now();
+        let hard = start + self.settings.shutdown_timeout;
+        if self.stats.open_connections.load(Ordering::SeqCst) > 0 {
+            tokio::select! {
+                () = tokio::time::sleep(self.settings.drain_period) => {}
+                () = self.wait_idle() => {}
+            }
+        }
+        self.close_connections.cancel();
+        self.tracker.close();
+        if tokio::time::timeout_at(hard, self.tracker.wait()).await.is_err() {
+            tracing::warn!(
+                open = self.stats.open_connections.load(Ordering::SeqCst),
+                "shutdown timeout reached with connections still open"
+            );
+        }
+    }
+}
+
+impl Gateway {
+    /// Resolves once no WebSocket connection is open.
+    pub async fn wait_idle(&self) {
+        loop {
+            let notified = self.conn_closed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.stats.open_connections.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// The current time as a std `Instant`, following tokio's clock (paused in tests).
+pub fn now_std() -> std::time::Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+/// Body type of responses to clients.
+pub type ResponseBody = ProxyBody;
+
+/// A plain response with a text body.
+pub fn text_response(status: StatusCode, body: impl Into<Bytes>) -> Response<ResponseBody> {
+    let mut r = Response::new(full_body(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain"));
+    r
+}
+
+/// Accepts clients until `stop` fires. Each TCP connection is served by hyper (HTTP/1.1 with
+/// upgrades); WebSocket connections then run in their own tracked task.
+pub async fn run(listener: TcpListener, gw: Arc<Gateway>, stop: CancellationToken) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!(cause = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            () = stop.cancelled() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let gw2 = gw.clone();
+        let svc = service_fn(move |req: Request<Incoming>| {
+            let gw = gw2.clone();
+            async move { Ok::<_, Infallible>(handle(gw, req, peer).await) }
+        });
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(gw.settings.handshake_timeout)
+            .max_headers(gw.settings.max_headers);
+        let conn = builder.serve_connection(TokioIo::new(stream), svc).with_upgrades();
+        let stop = stop.clone();
+        gw.tracker.spawn(async move {
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                () = stop.cancelled() => {}
+            }
+            // Plain HTTP keep-alive connections finish their current request and close;
+            // upgraded connections have left hyper already.
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        });
+    }
+}
+
+async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, peer: SocketAddr) -> Response<ResponseBody> {
+    let table = gw.table.load_full();
+    let host = req
+        .headers()
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()));
+    let path = req.uri().path().to_owned();
+    let Some((route, prefix)) = table.match_route(host.as_deref(), &path) else {
+        return text_response(StatusCode::NOT_FOUND, "no route\n");
+    };
+    let prefix = prefix.to_owned();
+    if handshake::is_websocket_upgrade(&req) {
+        handshake::handle(gw, req, peer, route, prefix).await
+    } else {
+        gw.stats.http_requests.fetch_add(1, Ordering::Relaxed);
+        proxy::handle(&gw, req, peer, &route, &prefix).await
+    }
+}
+
+/// Drops a body, reading at most a little of it (for refused requests).
+pub async fn discard(body: Incoming) {
+    let _ = http_body_util::Limited::new(body, 64 * 1024).collect().await;
+}

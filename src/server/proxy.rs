@@ -1,0 +1,72 @@
+//! Plain HTTP pass-through: non-upgrade requests are reverse-proxied to the route's backend
+//! with bodies streamed in both directions.
+
+use std::net::SocketAddr;
+
+use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use super::{Gateway, ResponseBody, text_response};
+use crate::config::Route;
+use crate::transport::backend::{ClientInfo, RequestTemplate, error_chain, is_hop_by_hop};
+
+pub(super) async fn handle(
+    gw: &Gateway,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    route: &Route,
+    prefix: &str,
+) -> Response<ResponseBody> {
+    let path_and_query = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let uri = match route.backend.uri_for(prefix, path_and_query) {
+        Ok(u) => u,
+        Err(e) => return text_response(StatusCode::BAD_REQUEST, format!("{e}\n")),
+    };
+    let route_arc = std::sync::Arc::new(route.clone());
+    let template = RequestTemplate::new(
+        route_arc,
+        uri,
+        req.headers(),
+        &ClientInfo { peer, tls: false },
+        None,
+        false,
+    );
+    let (parts, body) = req.into_parts();
+    let mut out = Request::new(body.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>).boxed_unsync());
+    *out.method_mut() = parts.method;
+    *out.uri_mut() = template.uri;
+    *out.version_mut() = http::Version::HTTP_11;
+    *out.headers_mut() = template.headers;
+    let client = gw.pool.client(route.timeouts.connect);
+    let resp = match tokio::time::timeout(route.timeouts.request, client.request(out)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            tracing::debug!(cause = %error_chain(&e), "pass-through request failed");
+            return text_response(StatusCode::BAD_GATEWAY, "backend unavailable\n");
+        }
+        Err(_) => return text_response(StatusCode::GATEWAY_TIMEOUT, "backend timed out\n"),
+    };
+    let (mut parts, body) = resp.into_parts();
+    let listed: Vec<http::HeaderName> = parts
+        .headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| http::HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    let names: Vec<http::HeaderName> = parts
+        .headers
+        .keys()
+        .filter(|n| is_hop_by_hop(n) || listed.contains(n))
+        .cloned()
+        .collect();
+    for n in names {
+        parts.headers.remove(n);
+    }
+    Response::from_parts(
+        parts,
+        body.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>).boxed_unsync(),
+    )
+}

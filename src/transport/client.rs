@@ -1,0 +1,437 @@
+//! The client side: drives one upgraded WebSocket connection, feeding a [`Session`] with
+//! frames read from the socket, backend responses, deliveries and timers, and carrying out
+//! its actions.
+//!
+//! The socket is read with `readable()` + `try_read_buf`, so an idle connection holds no read
+//! buffer; the write buffer exists only while output is pending. Both are fields of
+//! [`Driver`], never future locals, so every `select!` arm is cancel-safe.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::future::BoxFuture;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::time::{Instant as TokioInstant, Sleep};
+use tokio_util::sync::CancellationToken;
+
+use super::backend::{self, ProxyBody, RequestTemplate};
+use crate::grip::{ConnHandle, ConnInfo, Delivery, Registry};
+use crate::protocol::frame::{self, CloseFrame, FrameDecoder, Message};
+use crate::session::{Action, BackendError, BackendResponse, ClientInput, Session};
+use hyper_util::client::legacy::Client;
+
+type Connector = hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
+
+/// Close code for a client that does not keep up with deliveries ("try again later").
+pub const CLOSE_SLOW_CONSUMER: u16 = 1013;
+
+/// Time for the whole backend exchange of one request.
+#[derive(Debug, Clone)]
+pub struct BackendLimits {
+    /// Request timeout.
+    pub timeout: Duration,
+    /// Largest accepted response body.
+    pub max_body: usize,
+    /// Largest body passed through on a rejection.
+    pub max_reject_body: usize,
+}
+
+/// Everything a connection needs besides its socket.
+pub struct Connection {
+    /// The protocol state machine (already past the handshake or still in it).
+    pub session: Session,
+    /// Request template for the backend.
+    pub template: RequestTemplate,
+    /// Pooled backend client.
+    pub client: Client<Connector, ProxyBody>,
+    /// Backend limits.
+    pub limits: BackendLimits,
+    /// Registry entry (mailbox, connection API).
+    pub handle: Arc<ConnHandle>,
+    /// The registry, for subscriptions.
+    pub registry: Arc<Registry>,
+    /// Fires when the gateway drains.
+    pub shutdown: CancellationToken,
+    /// Largest client message.
+    pub max_message_bytes: usize,
+    /// Bytes that may wait in the write buffer before backpressure / slow-consumer close.
+    pub outbound_limit: usize,
+    /// Called when a channel gains its first or loses its last local subscriber.
+    pub on_channel: Option<Arc<dyn Fn(&str, bool) + Send + Sync>>,
+    /// On shutdown, the 1001 close is delayed by a per-connection share of this window.
+    pub close_pacing: Duration,
+}
+
+/// How a connection ended, for the log line and metrics.
+#[derive(Debug, Clone, Default)]
+pub struct Summary {
+    /// Messages from the client.
+    pub client_messages: u64,
+    /// Messages to the client.
+    pub backend_messages: u64,
+    /// Close code sent to the client, if any.
+    pub close_code: Option<u16>,
+    /// Slow-consumer close.
+    pub slow_consumer: bool,
+}
+
+fn now() -> std::time::Instant {
+    TokioInstant::now().into_std()
+}
+
+/// Sends one session request to the backend.
+pub fn start_request(
+    conn: &Connection,
+    req: &crate::session::BackendRequest,
+) -> BoxFuture<'static, Result<BackendResponse, BackendError>> {
+    let now_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let request = conn.template.build(req, now_unix);
+    let client = conn.client.clone();
+    let limits = conn.limits.clone();
+    Box::pin(async move {
+        backend::send_events(&client, request, limits.timeout, limits.max_body, limits.max_reject_body).await
+    })
+}
+
+fn pacing_hash(id: &str) -> u64 {
+    id.bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+struct Driver {
+    conn: Connection,
+    io: TcpStream,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    decoder: FrameDecoder,
+    reading: bool,
+    close_after_flush: bool,
+    done: bool,
+    inflight: Option<BoxFuture<'static, Result<BackendResponse, BackendError>>>,
+    sleep: Option<Pin<Box<Sleep>>>,
+    shutdown_seen: bool,
+    shutdown_at: Option<TokioInstant>,
+    summary: Summary,
+    deliveries: Vec<Delivery>,
+}
+
+/// Runs an upgraded connection to its end. `leftover` holds bytes the HTTP layer read past
+/// the handshake.
+pub async fn run(io: TcpStream, leftover: Bytes, conn: Connection) -> Summary {
+    let decoder = FrameDecoder::new(conn.max_message_bytes);
+    let mut d = Driver {
+        conn,
+        io,
+        rbuf: BytesMut::from(&leftover[..]),
+        wbuf: BytesMut::new(),
+        decoder,
+        reading: true,
+        close_after_flush: false,
+        done: false,
+        inflight: None,
+        sleep: None,
+        shutdown_seen: false,
+        shutdown_at: None,
+        summary: Summary::default(),
+        deliveries: Vec::new(),
+    };
+    d.run().await;
+    d.finish().await
+}
+
+impl Driver {
+    async fn run(&mut self) {
+        if !self.rbuf.is_empty() {
+            self.decode_input();
+        }
+        loop {
+            self.apply_actions();
+            self.try_flush();
+            // Flushing may have let the session start a request.
+            self.apply_actions();
+            if self.done {
+                return;
+            }
+            self.update_sleep();
+            let want_read = self.reading
+                && !self.close_after_flush
+                && self.conn.session.wants_client_input();
+            let want_write = !self.wbuf.is_empty();
+            let open = self.conn.session.is_open();
+            tokio::select! {
+                r = self.io.readable(), if want_read => {
+                    if r.is_err() { self.client_gone(); } else { self.read(); }
+                }
+                r = self.io.writable(), if want_write => {
+                    if r.is_err() { self.client_gone(); } else { self.try_flush(); }
+                }
+                res = async { match self.inflight.as_mut() { Some(f) => f.await, None => std::future::pending().await } }, if self.inflight.is_some() => {
+                    self.inflight = None;
+                    self.conn.session.handle_backend(res, now());
+                }
+                () = async { match self.sleep.as_mut() { Some(s) => s.await, None => std::future::pending().await } }, if self.sleep.is_some() => {
+                    self.sleep = None;
+                    self.conn.session.handle_timeout(now());
+                }
+                () = self.conn.handle.mailbox.notified(), if open => {
+                    self.take_deliveries();
+                }
+                () = self.conn.shutdown.cancelled(), if !self.shutdown_seen => {
+                    self.shutdown_seen = true;
+                    // Spread closes over the pacing window so clients don't reconnect at once.
+                    let window = self.conn.close_pacing.as_millis() as u64;
+                    let jitter = if window == 0 { 0 } else { pacing_hash(&self.conn.handle.id) % window };
+                    self.shutdown_at = Some(TokioInstant::now() + Duration::from_millis(jitter));
+                }
+                () = async { match self.shutdown_at { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } }, if self.shutdown_at.is_some() => {
+                    self.shutdown_at = None;
+                    self.conn.session.handle_shutdown(now());
+                }
+            }
+        }
+    }
+
+    fn client_gone(&mut self) {
+        self.reading = false;
+        self.wbuf = BytesMut::new();
+        self.conn.session.handle_client(ClientInput::Gone, now());
+    }
+
+    fn read(&mut self) {
+        if self.rbuf.capacity() - self.rbuf.len() < 1024 {
+            self.rbuf.reserve(4096);
+        }
+        match self.io.try_read_buf(&mut self.rbuf) {
+            Ok(0) => {
+                self.client_gone();
+                return;
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+            Err(_) => {
+                self.client_gone();
+                return;
+            }
+        }
+        self.decode_input();
+    }
+
+    fn decode_input(&mut self) {
+        loop {
+            if !self.conn.session.wants_client_input() && !self.reading {
+                break;
+            }
+            match self.decoder.decode(&mut self.rbuf) {
+                Ok(Some(msg)) => {
+                    if matches!(msg, Message::Close(_)) {
+                        self.reading = false;
+                    }
+                    self.conn.session.handle_client(ClientInput::Message(msg), now());
+                    self.apply_actions();
+                    if !self.reading {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    self.reading = false;
+                    let code = e.close_code();
+                    let mut reason = e.to_string();
+                    reason.truncate(120);
+                    self.conn
+                        .session
+                        .handle_client(ClientInput::ProtocolError { code, reason }, now());
+                    break;
+                }
+            }
+        }
+        if self.rbuf.is_empty() {
+            // Idle connections keep no read buffer.
+            self.rbuf = BytesMut::new();
+        }
+    }
+
+    fn take_deliveries(&mut self) {
+        let overflowed = self.conn.handle.mailbox.drain(&mut self.deliveries);
+        let over_limit = self.wbuf.len() > self.conn.outbound_limit;
+        if overflowed || over_limit {
+            self.deliveries.clear();
+            if !self.summary.slow_consumer {
+                self.summary.slow_consumer = true;
+                if over_limit && !overflowed {
+                    self.conn
+                        .registry
+                        .stats
+                        .slow_consumer_drops
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                tracing::info!(conn_id = %self.conn.handle.id, "slow consumer: closing with 1013");
+                self.conn.session.handle_publish(
+                    Message::Close(Some(CloseFrame {
+                        code: CLOSE_SLOW_CONSUMER,
+                        reason: "slow consumer".into(),
+                    })),
+                    now(),
+                );
+            }
+            return;
+        }
+        let mut ds = std::mem::take(&mut self.deliveries);
+        for d in ds.drain(..) {
+            match d {
+                Delivery::Message(m) => self.conn.session.handle_publish(m, now()),
+                Delivery::Refresh => self.conn.session.handle_refresh(now()),
+            }
+        }
+        self.deliveries = ds;
+        if self.deliveries.capacity() > 256 {
+            self.deliveries = Vec::new();
+        }
+    }
+
+    fn apply_actions(&mut self) {
+        let mut info_changed = false;
+        while let Some(a) = self.conn.session.poll_action() {
+            match a {
+                Action::SendBackend(req) => {
+                    self.inflight = Some(start_request(&self.conn, &req));
+                }
+                Action::SendClient(msg) => {
+                    if let Message::Close(Some(f)) = &msg {
+                        self.summary.close_code = Some(f.code);
+                    } else if let Message::Close(None) = &msg {
+                        self.summary.close_code = Some(1005);
+                    }
+                    frame::encode_message(&msg, &mut self.wbuf);
+                    if self.wbuf.len() > self.conn.outbound_limit {
+                        self.conn.session.set_client_writable(false, now());
+                    }
+                }
+                Action::CloseClient => {
+                    self.close_after_flush = true;
+                    self.reading = false;
+                }
+                Action::StopReading => self.reading = false,
+                Action::Subscribe(channel) => {
+                    let filters = self
+                        .conn
+                        .session
+                        .grip()
+                        .and_then(|g| g.subscriptions().iter().find(|s| s.channel == channel))
+                        .map(|s| s.filters.clone())
+                        .unwrap_or_default();
+                    if self.conn.registry.subscribe(&self.conn.handle, &channel, &filters)
+                        && let Some(cb) = &self.conn.on_channel
+                    {
+                        cb(&channel, true);
+                    }
+                    info_changed = true;
+                }
+                Action::Unsubscribe(channel) => {
+                    if self.conn.registry.unsubscribe(&self.conn.handle.id, &channel)
+                        && let Some(cb) = &self.conn.on_channel
+                    {
+                        cb(&channel, false);
+                    }
+                    info_changed = true;
+                }
+                Action::Accept { .. } | Action::Reject { .. } => {}
+                Action::Done => self.done = true,
+            }
+        }
+        if info_changed || self.conn.session.grip().is_some() {
+            self.sync_info();
+        }
+    }
+
+    /// Publishes meta and subscriptions to the registry for the connection API and filters.
+    fn sync_info(&self) {
+        let s = &self.conn.session;
+        let info = ConnInfo {
+            meta: s
+                .meta()
+                .filter_map(|(k, v)| v.to_str().ok().map(|v| (k.to_owned(), v.to_owned())))
+                .collect(),
+            sub_meta: s.grip().map(|g| g.meta.clone()).unwrap_or_default(),
+            channels: s
+                .grip()
+                .map(|g| g.subscriptions().iter().map(|x| x.channel.clone()).collect())
+                .unwrap_or_default(),
+        };
+        if self.conn.handle.info() != info {
+            self.conn.handle.set_info(info);
+        }
+    }
+
+    fn try_flush(&mut self) {
+        while !self.wbuf.is_empty() {
+            match self.io.try_write(&self.wbuf) {
+                Ok(0) => {
+                    self.client_gone();
+                    return;
+                }
+                Ok(n) => {
+                    let _ = self.wbuf.split_to(n);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(_) => {
+                    self.client_gone();
+                    return;
+                }
+            }
+        }
+        // Nothing pending: free the buffer and let the backend go on.
+        self.wbuf = BytesMut::new();
+        self.conn.session.set_client_writable(true, now());
+    }
+
+    fn update_sleep(&mut self) {
+        match self.conn.session.poll_timeout() {
+            Some(t) => {
+                let t = TokioInstant::from_std(t);
+                match self.sleep.as_mut() {
+                    Some(s) if s.deadline() == t => {}
+                    Some(s) => s.as_mut().reset(t),
+                    None => self.sleep = Some(Box::pin(tokio::time::sleep_until(t))),
+                }
+            }
+            None => self.sleep = None,
+        }
+    }
+
+    async fn finish(mut self) -> Summary {
+        self.apply_actions();
+        // Give the client a bounded time to take what is left (close frame included).
+        if !self.wbuf.is_empty() {
+            let deadline = tokio::time::sleep(Duration::from_secs(5));
+            tokio::pin!(deadline);
+            loop {
+                self.try_flush();
+                if self.wbuf.is_empty() {
+                    break;
+                }
+                tokio::select! {
+                    r = self.io.writable() => if r.is_err() { break },
+                    () = &mut deadline => break,
+                }
+            }
+        }
+        let _ = self.io.shutdown().await;
+        let emptied = self.conn.registry.unregister(&self.conn.handle);
+        if let Some(cb) = &self.conn.on_channel {
+            for c in emptied {
+                cb(&c, false);
+            }
+        }
+        let st = self.conn.session.stats();
+        self.summary.client_messages = st.client_messages;
+        self.summary.backend_messages = st.backend_messages;
+        self.summary
+    }
+}
