@@ -25,6 +25,8 @@
 
 pub mod admin;
 pub mod config;
+pub mod controller;
+pub mod demo;
 pub mod grip;
 pub mod protocol;
 pub mod server;

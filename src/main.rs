@@ -41,6 +41,19 @@ enum LogFormat {
 enum Command {
     /// Run the data plane.
     Gateway(GatewayArgs),
+    /// Try wsgate: a gateway in front of a built-in demo backend (echo and a GRIP chat room)
+    /// with a web page at http://127.0.0.1:8080/.
+    Demo(DemoArgs),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct DemoArgs {
+    /// Address for browsers and WebSocket clients.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Address of the admin listener (publish API, /healthz, /readyz).
+    #[arg(long, default_value = "127.0.0.1:9090")]
+    admin_listen: SocketAddr,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -105,6 +118,7 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Gateway(args) => rt.block_on(gateway(args)),
+        Command::Demo(args) => rt.block_on(demo(args)),
     }
 }
 
@@ -202,4 +216,44 @@ async fn wait_for_signal() {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
+}
+
+async fn demo(args: DemoArgs) -> ExitCode {
+    let backend_listener = match tokio::net::TcpListener::bind("127.0.0.1:0").await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("wsgate: cannot start the demo backend: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let backend_addr = match backend_listener.local_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("wsgate: cannot start the demo backend: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let stop_backend = CancellationToken::new();
+    tokio::spawn(wsgate::demo::serve_backend(
+        backend_listener,
+        format!("http://{}/publish/", args.admin_listen),
+        stop_backend.clone(),
+    ));
+    println!("wsgate demo: open http://{}/ in a browser (two tabs to chat); Ctrl-C stops", args.listen);
+    let gateway_args = GatewayArgs {
+        listen: args.listen,
+        backend: Some(format!("http://{backend_addr}")),
+        config: None,
+        reload_interval: DurationSpec::from_secs(1),
+        admin_listen: args.admin_listen,
+        max_connections: 50_000,
+        handshake_timeout: DurationSpec::from_secs(10),
+        drain_period: DurationSpec::from_secs(0),
+        close_pacing: DurationSpec::from_millis(100),
+        shutdown_timeout: DurationSpec::from_secs(5),
+        max_headers: 100,
+    };
+    let code = gateway(gateway_args).await;
+    stop_backend.cancel();
+    code
 }

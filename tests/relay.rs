@@ -648,3 +648,112 @@ async fn drain_closes_clients_with_1001_and_backend_gets_close() {
         .await;
     assert!(!reqs.is_empty());
 }
+
+#[tokio::test]
+async fn slow_handshake_is_cut_off_by_the_handshake_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = Backend::echo().await;
+    let route = wsgate::config::Route::catch_all(&backend.url()).expect("route");
+    let gw = TestGateway::with_routes(
+        vec![route],
+        wsgate::server::GatewaySettings {
+            handshake_timeout: Duration::from_millis(300),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.expect("connect");
+    // Slowloris: a partial request line and headers, never finished.
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n").await.expect("write");
+    let started = tokio::time::Instant::now();
+    let mut buf = [0u8; 1024];
+    let n = tokio::time::timeout(DEADLINE, s.read(&mut buf))
+        .await
+        .expect("the gateway must end the slow handshake")
+        .unwrap_or(0);
+    let reply = String::from_utf8_lossy(&buf[..n]);
+    assert!(n == 0 || reply.starts_with("HTTP/1.1 408"), "{reply}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(backend.requests().is_empty(), "the backend never hears of it");
+}
+
+#[tokio::test]
+async fn silent_client_is_pinged_then_disconnected_and_backend_gets_disconnect() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = Backend::echo().await;
+    let yaml = format!(
+        "routes:\n  - name: app\n    backend:\n      url: {}\n    keepAlive:\n      clientPingInterval: 1s\n      clientIdleTimeout: 2s\n",
+        backend.url()
+    );
+    let gw = TestGateway::from_yaml(&yaml).await;
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.expect("connect");
+    let req = format!(
+        "GET / HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        gw.addr
+    );
+    s.write_all(req.as_bytes()).await.expect("write");
+    // Read everything the gateway sends until it closes the socket; never answer.
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(DEADLINE, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("the gateway never gave up on the silent client"),
+        }
+    }
+    let head_end = got.windows(4).position(|w| w == b"\r\n\r\n").expect("101 head") + 4;
+    let frames = &got[head_end..];
+    assert!(frames.starts_with(&[0x89, 0x00]), "a ping first: {frames:?}");
+    backend.wait_event(Event::Disconnect).await;
+}
+
+#[tokio::test]
+async fn relay_pings_option_sends_ping_events_and_relays_pong() {
+    let backend = Backend::start(|r| {
+        let mut out = Vec::new();
+        for e in r.events() {
+            match e {
+                Event::Open => out.push(Event::Open),
+                Event::Ping(p) => out.push(Event::Pong(p)),
+                _ => {}
+            }
+        }
+        Reply::events(&out)
+    })
+    .await;
+    let yaml = format!(
+        "routes:\n  - name: app\n    backend:\n      url: {}\n    keepAlive:\n      relayPings: true\n",
+        backend.url()
+    );
+    let gw = TestGateway::from_yaml(&yaml).await;
+    let mut c = gw.connect("/").await;
+    c.send(WsMessage::Ping(Bytes::from_static(b"relay me"))).await;
+    match c.next().await {
+        WsMessage::Pong(p) => assert_eq!(&p[..], b"relay me"),
+        other => panic!("expected pong, got {other:?}"),
+    }
+    backend.wait_event(Event::Ping(Bytes::from_static(b"relay me"))).await;
+}
+
+#[tokio::test]
+async fn an_edited_route_applies_to_open_connections() {
+    let backend = Backend::echo().await;
+    let yaml = |v: &str| {
+        format!(
+            "routes:\n  - name: app\n    backend:\n      url: {}\n    headers:\n      add: [{{name: X-Version, value: \"{v}\"}}]\n",
+            backend.url()
+        )
+    };
+    let gw = TestGateway::from_yaml(&yaml("1")).await;
+    let mut c = gw.connect("/").await;
+    c.send_text("a").await;
+    c.expect_text("a").await;
+    assert_eq!(backend.wait_event(text("a")).await.header("x-version"), Some("1"));
+    let routes = wsgate::config::parse_routes_yaml(&yaml("2")).expect("yaml");
+    gw.table
+        .store(std::sync::Arc::new(wsgate::config::RouteTable::new(routes, 2).expect("table")));
+    c.send_text("b").await;
+    c.expect_text("b").await;
+    assert_eq!(backend.wait_event(text("b")).await.header("x-version"), Some("2"));
+}

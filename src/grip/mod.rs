@@ -9,6 +9,10 @@
 //! counted. Memory per connection never grows past the bound, and other subscribers are not
 //! slowed down.
 
+pub mod hub;
+
+pub use hub::Hub;
+
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -17,7 +21,7 @@ use std::time::SystemTime;
 use tokio::sync::Notify;
 
 use crate::protocol::frame::Message;
-use crate::protocol::publish::Filter;
+use crate::protocol::publish::{Filter, filters_allow};
 
 /// Something delivered to one connection out of band.
 #[derive(Debug, Clone, PartialEq)]
@@ -326,8 +330,10 @@ impl Registry {
                     if s.filters.is_empty() {
                         return true;
                     }
-                    let sub_meta = lock(&s.conn.info).sub_meta.clone();
-                    let ok = s.filters.iter().all(|f| f.allows(&sub_meta, item_meta));
+                    let info = lock(&s.conn.info);
+                    let is_subscribed = |c: &str| info.channels.iter().any(|x| x == c);
+                    let ok = filters_allow(&s.filters, &info.sub_meta, item_meta, &is_subscribed);
+                    drop(info);
                     if !ok {
                         self.stats.filtered.fetch_add(1, Ordering::Relaxed);
                     }

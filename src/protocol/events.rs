@@ -243,7 +243,7 @@ struct Line {
 /// bytes seen so far are validated so that garbage fails early.
 fn parse_line(buf: &[u8], max_content: usize) -> Result<Option<Line>, DecodeError> {
     let window = buf.get(..=MAX_LINE_LEN).unwrap_or(buf);
-    let Some(cr) = window.iter().position(|&b| b == b'\r' || b == b'\n') else {
+    let Some(end) = window.iter().position(|&b| b == b'\r' || b == b'\n') else {
         check_line_bytes(window)?;
         if buf.len() > MAX_LINE_LEN {
             return Err(DecodeError::LineTooLong {
@@ -252,12 +252,12 @@ fn parse_line(buf: &[u8], max_content: usize) -> Result<Option<Line>, DecodeErro
         }
         return Ok(None);
     };
-    let line = window.get(..cr).unwrap_or_default();
+    let line = window.get(..end).unwrap_or_default();
     check_line_bytes(line)?;
-    match buf.get(cr..cr + 2) {
+    match buf.get(end..end + 2) {
         Some(CRLF) => {}
         Some(_) => return Err(DecodeError::MissingCrlf { after: "line" }),
-        None if buf.get(cr) == Some(&b'\r') => return Ok(None),
+        None if buf.get(end) == Some(&b'\r') => return Ok(None),
         None => return Err(DecodeError::MissingCrlf { after: "line" }),
     }
     let (name, digits) = match line.iter().position(|&b| b == b' ') {
@@ -274,7 +274,7 @@ fn parse_line(buf: &[u8], max_content: usize) -> Result<Option<Line>, DecodeErro
     Ok(Some(Line {
         kind: Kind::from_name(name),
         size,
-        len: cr + CRLF.len(),
+        len: end + CRLF.len(),
     }))
 }
 

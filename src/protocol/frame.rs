@@ -210,7 +210,7 @@ impl FrameDecoder {
             let Some(header) = self.parse_header(buf)? else {
                 return Ok(None);
             };
-            let frame_len = header.header_len + header.payload_len;
+            let frame_len = header.header_len.saturating_add(header.payload_len);
             if buf.len() < frame_len {
                 // No reserve for the declared length: a peer that announces a large frame and
                 // then stalls must not make us allocate it.

@@ -77,6 +77,7 @@ pub(super) async fn handle(
     peer: SocketAddr,
     route: Arc<Route>,
     prefix: String,
+    table_version: u64,
 ) -> Response<ResponseBody> {
     if gw.draining.load(Ordering::SeqCst) {
         return text_response(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
@@ -112,20 +113,20 @@ pub(super) async fn handle(
         return text_response(StatusCode::SERVICE_UNAVAILABLE, "route connection limit reached\n");
     }
     let path_and_query = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned();
-    let uri = match route.backend.uri_for(&prefix, &path_and_query) {
-        Ok(u) => u,
-        Err(e) => return text_response(StatusCode::BAD_REQUEST, format!("{e}\n")),
-    };
     let conn_id = uuid::Uuid::new_v4();
     let id = conn_id.hyphenated().to_string();
-    let template = RequestTemplate::new(
+    let template = match RequestTemplate::new(
         route.clone(),
-        uri,
+        &prefix,
+        &path_and_query,
         req.headers(),
         &ClientInfo { peer, tls: false },
         Some(&id),
         true,
-    );
+    ) {
+        Ok(t) => t,
+        Err(e) => return text_response(StatusCode::BAD_REQUEST, format!("{e}\n")),
+    };
     let on_upgrade = hyper::upgrade::on(&mut req);
     // The request body of a GET upgrade is empty; release it.
     let (_parts, body) = req.into_parts();
@@ -152,6 +153,8 @@ pub(super) async fn handle(
         outbound_limit: route.limits.outbound_queue_bytes,
         on_channel: gw.on_channel.clone(),
         close_pacing: gw.settings.close_pacing,
+        table: Some(gw.table.clone()),
+        table_version,
     };
     let (tx, rx) = oneshot::channel();
     let accept_key = frame::accept_key(key.as_bytes());

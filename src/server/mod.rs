@@ -253,7 +253,7 @@ async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, peer: SocketAddr) -> R
     };
     let prefix = prefix.to_owned();
     if handshake::is_websocket_upgrade(&req) {
-        handshake::handle(gw, req, peer, route, prefix).await
+        handshake::handle(gw.clone(), req, peer, route, prefix, table.version()).await
     } else {
         gw.stats.http_requests.fetch_add(1, Ordering::Relaxed);
         proxy::handle(&gw, req, peer, &route, &prefix).await

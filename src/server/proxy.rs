@@ -15,29 +15,28 @@ pub(super) async fn handle(
     gw: &Gateway,
     req: Request<Incoming>,
     peer: SocketAddr,
-    route: &Route,
+    route: &std::sync::Arc<Route>,
     prefix: &str,
 ) -> Response<ResponseBody> {
     let path_and_query = req.uri().path_and_query().map_or("/", |p| p.as_str());
-    let uri = match route.backend.uri_for(prefix, path_and_query) {
-        Ok(u) => u,
-        Err(e) => return text_response(StatusCode::BAD_REQUEST, format!("{e}\n")),
-    };
-    let route_arc = std::sync::Arc::new(route.clone());
-    let template = RequestTemplate::new(
-        route_arc,
-        uri,
+    let template = match RequestTemplate::new(
+        route.clone(),
+        prefix,
+        path_and_query,
         req.headers(),
         &ClientInfo { peer, tls: false },
         None,
         false,
-    );
+    ) {
+        Ok(t) => t,
+        Err(e) => return text_response(StatusCode::BAD_REQUEST, format!("{e}\n")),
+    };
     let (parts, body) = req.into_parts();
     let mut out = Request::new(body.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>).boxed_unsync());
     *out.method_mut() = parts.method;
+    *out.headers_mut() = template.headers();
     *out.uri_mut() = template.uri;
     *out.version_mut() = http::Version::HTTP_11;
-    *out.headers_mut() = template.headers;
     let client = gw.pool.client(route.timeouts.connect);
     let resp = match tokio::time::timeout(route.timeouts.request, client.request(out)).await {
         Ok(Ok(r)) => r,

@@ -136,17 +136,6 @@ fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
         .collect()
 }
 
-/// Everything about the client's handshake that is replayed on each backend request.
-#[derive(Debug, Clone)]
-pub struct RequestTemplate {
-    /// Backend URI.
-    pub uri: Uri,
-    /// Replayed and added headers (without per-request ones).
-    pub headers: HeaderMap,
-    /// The route (for signing and timeouts).
-    pub route: Arc<Route>,
-}
-
 /// The client's side of the connection, as the gateway saw it.
 #[derive(Debug, Clone)]
 pub struct ClientInfo {
@@ -156,19 +145,46 @@ pub struct ClientInfo {
     pub tls: bool,
 }
 
+/// Everything about the client's handshake that is replayed on each backend request.
+///
+/// The client's headers are kept after the protocol's fixed exclusions; the route's rules
+/// (allow/deny, remove, add, `X-Forwarded-For` mode, host override) are applied when a request
+/// is built, so [`RequestTemplate::rebind`] can move an open connection to an edited route.
+#[derive(Debug, Clone)]
+pub struct RequestTemplate {
+    /// Backend URI.
+    pub uri: Uri,
+    /// The route (for header rules, signing and timeouts).
+    pub route: Arc<Route>,
+    /// Client headers that survive the fixed protocol exclusions.
+    client: Vec<(HeaderName, HeaderValue)>,
+    host: Option<HeaderValue>,
+    /// `X-Forwarded-For` values the client sent, joined.
+    prior_xff: Option<String>,
+    peer_ip: String,
+    tls: bool,
+    connection_id: Option<HeaderValue>,
+    websocket: bool,
+    /// Matched route prefix and the client's path and query, to rebuild the URI on rebind.
+    prefix: String,
+    path_and_query: String,
+}
+
 impl RequestTemplate {
-    /// Builds the replayed headers from the client's handshake headers (PROTOCOL.md section 2).
+    /// Keeps what is replayable from the client's handshake headers (PROTOCOL.md section 2).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         route: Arc<Route>,
-        uri: Uri,
+        prefix: &str,
+        path_and_query: &str,
         client_headers: &HeaderMap,
         client: &ClientInfo,
         connection_id: Option<&str>,
         websocket: bool,
-    ) -> Self {
+    ) -> Result<Self, crate::config::RouteError> {
+        let uri = route.backend.uri_for(prefix, path_and_query)?;
         let listed = connection_listed(client_headers);
-        let rules = &route.headers;
-        let mut headers = HeaderMap::with_capacity(client_headers.len() + 8);
+        let mut kept = Vec::with_capacity(client_headers.len());
         for (name, value) in client_headers {
             if is_hop_by_hop(name)
                 || listed.contains(name)
@@ -176,36 +192,63 @@ impl RequestTemplate {
                 || (!websocket && (name.as_str().starts_with("meta-") || name == "grip-sig"))
                 || name == header::HOST
                 || name == "x-forwarded-for"
-                || !rules.replays(name)
             {
                 continue;
             }
-            headers.append(name.clone(), value.clone());
+            kept.push((name.clone(), value.clone()));
         }
-        // Host: the client's, unless the route overrides it.
-        let host = route
-            .backend
-            .host_override
-            .clone()
-            .or_else(|| client_headers.get(header::HOST).cloned());
-        if let Some(h) = &host {
+        let prior: Vec<&str> = client_headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        Ok(Self {
+            uri,
+            route,
+            client: kept,
+            host: client_headers.get(header::HOST).cloned(),
+            prior_xff: (!prior.is_empty()).then(|| prior.join(", ")),
+            peer_ip: client.peer.ip().to_string(),
+            tls: client.tls,
+            connection_id: connection_id.and_then(|c| HeaderValue::from_str(c).ok()),
+            websocket,
+            prefix: prefix.to_owned(),
+            path_and_query: path_and_query.to_owned(),
+        })
+    }
+
+    /// Moves the connection to a new version of its route (header rules, backend, signing
+    /// key). Keeps the old route if the new one cannot serve this path.
+    pub fn rebind(&mut self, route: Arc<Route>) -> bool {
+        match route.backend.uri_for(&self.prefix, &self.path_and_query) {
+            Ok(uri) => {
+                self.uri = uri;
+                self.route = route;
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// The headers of a backend request: replayed client headers under the route's rules,
+    /// forwarding headers, and the protocol's own headers for WebSocket requests.
+    pub fn headers(&self) -> HeaderMap {
+        let rules = &self.route.headers;
+        let mut headers = HeaderMap::with_capacity(self.client.len() + 10);
+        for (name, value) in &self.client {
+            if rules.replays(name) {
+                headers.append(name.clone(), value.clone());
+            }
+        }
+        if let Some(h) = self.route.backend.host_override.as_ref().or(self.host.as_ref()) {
             headers.insert(header::HOST, h.clone());
         }
-        let peer_ip = client.peer.ip().to_string();
         let xff = match rules.forwarded_for {
-            ForwardedFor::Append => {
-                let prior: Vec<&str> = client_headers
-                    .get_all("x-forwarded-for")
-                    .iter()
-                    .filter_map(|v| v.to_str().ok())
-                    .collect();
-                if prior.is_empty() {
-                    Some(peer_ip)
-                } else {
-                    Some(format!("{}, {peer_ip}", prior.join(", ")))
-                }
-            }
-            ForwardedFor::Replace => Some(peer_ip),
+            ForwardedFor::Append => Some(match &self.prior_xff {
+                Some(p) => format!("{p}, {}", self.peer_ip),
+                None => self.peer_ip.clone(),
+            }),
+            ForwardedFor::Replace => Some(self.peer_ip.clone()),
             ForwardedFor::Drop => None,
         };
         if let Some(v) = xff.and_then(|v| HeaderValue::from_str(&v).ok()) {
@@ -213,16 +256,16 @@ impl RequestTemplate {
         }
         headers.insert(
             "x-forwarded-proto",
-            HeaderValue::from_static(if client.tls { "https" } else { "http" }),
+            HeaderValue::from_static(if self.tls { "https" } else { "http" }),
         );
-        if let Some(h) = client_headers.get(header::HOST) {
+        if let Some(h) = &self.host {
             headers.insert("x-forwarded-host", h.clone());
         }
-        if websocket {
+        if self.websocket {
             headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(EVENTS_MEDIA_TYPE));
             headers.insert(header::ACCEPT, HeaderValue::from_static(EVENTS_MEDIA_TYPE));
-            if let Some(id) = connection_id.and_then(|c| HeaderValue::from_str(c).ok()) {
-                headers.insert("connection-id", id);
+            if let Some(id) = &self.connection_id {
+                headers.insert("connection-id", id.clone());
             }
         }
         for name in &rules.remove {
@@ -231,12 +274,12 @@ impl RequestTemplate {
         for (name, value) in &rules.add {
             headers.append(name.clone(), value.clone());
         }
-        Self { uri, headers, route }
+        headers
     }
 
     /// The HTTP request for one session request.
     pub fn build(&self, req: &BackendRequest, now_unix: u64) -> Request<ProxyBody> {
-        let mut headers = self.headers.clone();
+        let mut headers = self.headers();
         for (name, value) in req.meta.iter() {
             headers.append(name.clone(), value.clone());
         }

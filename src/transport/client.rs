@@ -63,6 +63,30 @@ pub struct Connection {
     pub on_channel: Option<Arc<dyn Fn(&str, bool) + Send + Sync>>,
     /// On shutdown, the 1001 close is delayed by a per-connection share of this window.
     pub close_pacing: Duration,
+    /// The live route table: when its version changes, the connection moves to the new
+    /// version of its route (by name) before its next backend request.
+    pub table: Option<Arc<arc_swap::ArcSwap<crate::config::RouteTable>>>,
+    /// Version of the table the template's route came from.
+    pub table_version: u64,
+}
+
+impl Connection {
+    /// Picks up an edited route (headers, backend, signing key) without dropping the
+    /// connection. A deleted route leaves the connection on the version it has.
+    pub fn refresh_route(&mut self) {
+        let Some(table) = &self.table else { return };
+        let t = table.load();
+        if t.version() == self.table_version {
+            return;
+        }
+        self.table_version = t.version();
+        if let Some(route) = t.get(&self.template.route.name)
+            && !Arc::ptr_eq(&route, &self.template.route)
+            && self.template.rebind(route)
+        {
+            tracing::debug!(conn_id = %self.handle.id, version = self.table_version, "connection moved to the new route version");
+        }
+    }
 }
 
 /// How a connection ended, for the log line and metrics.
@@ -300,6 +324,7 @@ impl Driver {
         while let Some(a) = self.conn.session.poll_action() {
             match a {
                 Action::SendBackend(req) => {
+                    self.conn.refresh_route();
                     self.inflight = Some(start_request(&self.conn, &req));
                 }
                 Action::SendClient(msg) => {

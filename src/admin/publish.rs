@@ -1,0 +1,174 @@
+//! `POST /publish` and `POST /publish/` (PROTOCOL.md section 6), Pushpin-compatible, plus the
+//! request plumbing the connection API shares: authentication, bounded body reading and plain
+//! responses.
+//!
+//! | outcome | status | body |
+//! |---|---|---|
+//! | published | `200` | `Published\n`, or `{"message":"Published"}` for `Accept: application/json` |
+//! | bad body | `400` | the [`PublishError`](crate::protocol::publish::PublishError) reason and `\n` |
+//! | not authenticated | `401` | the reason; `WWW-Authenticate: Bearer` |
+//! | other method | `405` | `Allow: POST` |
+//! | body over the limit | `413` | |
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use hyper::body::Incoming;
+
+use super::AdminState;
+use crate::protocol::publish::parse_publish;
+use crate::server::{ResponseBody, text_response};
+
+/// Default limit of a publish (and connection API) request body, as Pushpin's.
+pub const DEFAULT_MAX_PUBLISH_BODY: usize = 1_000_000;
+
+/// After a body went over the limit, at most this many more bytes are read and thrown away so
+/// the client sees the `413` instead of a connection reset.
+const MAX_DISCARD_BYTES: usize = 1 << 20;
+
+/// How long discarding the rest of an oversized body may take.
+const DISCARD_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Handles `/publish` and `/publish/`, whatever the method.
+pub async fn handle(st: &AdminState, req: Request<Incoming>) -> Response<ResponseBody> {
+    if req.method() != Method::POST {
+        return method_not_allowed("POST");
+    }
+    if let Err(resp) = authenticate(st, req.headers()) {
+        return resp;
+    }
+    let wants_json = accepts_json(req.headers());
+    let body = match read_body(req, st.max_publish_body).await {
+        Ok(body) => body,
+        Err(resp) => return resp,
+    };
+    let publish = match parse_publish(&body) {
+        Ok(p) => p,
+        Err(e) => return text_response(StatusCode::BAD_REQUEST, format!("{e}\n")),
+    };
+    let delivered = st.hub.publish(&publish.items).await;
+    tracing::debug!(items = publish.items.len(), delivered, "published");
+    if wants_json {
+        json_response(StatusCode::OK, r#"{"message":"Published"}"#)
+    } else {
+        text_response(StatusCode::OK, "Published\n")
+    }
+}
+
+/// Whether the request's `Accept` lists `application/json`.
+fn accepts_json(headers: &HeaderMap) -> bool {
+    headers.get_all(header::ACCEPT).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',').any(|range| {
+                range
+                    .split(';')
+                    .next()
+                    .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
+            })
+        })
+    })
+}
+
+/// Checks the configured authentication; the `Err` is the `401` to send.
+pub(crate) fn authenticate(st: &AdminState, headers: &HeaderMap) -> Result<(), Response<ResponseBody>> {
+    let Some(auth) = &st.auth else {
+        return Ok(());
+    };
+    auth.check(headers).map_err(|e| {
+        tracing::debug!(cause = %e, "admin request not authenticated");
+        let mut resp = text_response(StatusCode::UNAUTHORIZED, format!("unauthorized: {e}\n"));
+        resp.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        resp
+    })
+}
+
+/// Reads a request body of at most `limit` bytes; the `Err` is the `413` or `400` to send.
+/// Never holds more than `limit` bytes: a declared `Content-Length` over the limit is refused
+/// before reading, and a streamed body is cut at the limit.
+pub(crate) async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, Response<ResponseBody>> {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let too_large = || text_response(StatusCode::PAYLOAD_TOO_LARGE, format!("body is over {limit} bytes\n"));
+    if declared.is_some_and(|n| n > limit as u64) {
+        discard(req.into_body()).await;
+        return Err(too_large());
+    }
+    let mut body = Limited::new(req.into_body(), limit);
+    let mut buf = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => {
+                if let Ok(data) = frame.into_data() {
+                    buf.extend_from_slice(&data);
+                }
+            }
+            Err(e) if e.is::<LengthLimitError>() => {
+                drop(buf);
+                discard(body.into_inner()).await;
+                return Err(too_large());
+            }
+            Err(e) => {
+                return Err(text_response(
+                    StatusCode::BAD_REQUEST,
+                    format!("could not read the body: {e}\n"),
+                ));
+            }
+        }
+    }
+    Ok(buf.freeze())
+}
+
+/// Reads and drops what is left of a refused body, within [`MAX_DISCARD_BYTES`] and
+/// [`DISCARD_TIMEOUT`], so the refusal reaches a client that is still sending.
+async fn discard(body: Incoming) {
+    let mut body = Limited::new(body, MAX_DISCARD_BYTES);
+    let _ = tokio::time::timeout(DISCARD_TIMEOUT, async {
+        while let Some(Ok(_)) = body.frame().await {}
+    })
+    .await;
+}
+
+/// `405` with `Allow: allow`.
+pub(crate) fn method_not_allowed(allow: &'static str) -> Response<ResponseBody> {
+    let mut resp = text_response(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+    resp.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+    resp
+}
+
+/// A response with a JSON body.
+pub(crate) fn json_response(status: StatusCode, body: impl Into<Bytes>) -> Response<ResponseBody> {
+    let mut resp = text_response(status, body);
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn accept(values: &[&str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for v in values {
+            h.append(header::ACCEPT, HeaderValue::from_str(v).expect("header value"));
+        }
+        h
+    }
+
+    #[test]
+    fn accept_json() {
+        assert!(accepts_json(&accept(&["application/json"])));
+        assert!(accepts_json(&accept(&["text/html, Application/JSON;q=0.9"])));
+        assert!(accepts_json(&accept(&["text/plain", "application/json"])));
+        assert!(!accepts_json(&accept(&[])));
+        assert!(!accepts_json(&accept(&["*/*"])));
+        assert!(!accepts_json(&accept(&["application/jsonx"])));
+    }
+}

@@ -1,0 +1,302 @@
+//! The `wsgate` binary: exit codes, admin endpoints, routes-file reload and SIGTERM drain, run
+//! as a real process against real sockets on 127.0.0.1.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use bytes::Bytes;
+use support::*;
+use wsgate::protocol::events::Event;
+
+const BIN: &str = env!("CARGO_BIN_EXE_wsgate");
+
+/// A port that was free a moment ago (the binary needs a concrete address).
+fn free_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr")
+}
+
+struct Proc {
+    child: Child,
+    addr: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    /// Starts the gateway and waits until /readyz answers 200.
+    async fn start(extra: &[&str]) -> Proc {
+        let addr = free_addr();
+        let admin = free_addr();
+        let mut args = vec![
+            "gateway".to_owned(),
+            "--listen".into(),
+            addr.to_string(),
+            "--admin-listen".into(),
+            admin.to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let child = Command::new(BIN)
+            .args(&args)
+            .env("WSGATE_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn wsgate");
+        let p = Proc { child, addr, admin };
+        eventually("gateway ready", || async {
+            match tokio::net::TcpStream::connect(admin).await {
+                Ok(_) => http_request(admin, "GET", "/readyz", &[], b"").await.0 == 200,
+                Err(_) => false,
+            }
+        })
+        .await;
+        p
+    }
+
+    fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit (with a deadline) and returns its exit code.
+    async fn wait_exit(&mut self) -> Option<i32> {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status.code();
+            }
+            assert!(tokio::time::Instant::now() < deadline, "wsgate did not exit");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+#[test]
+fn bad_config_exits_64_naming_the_field() {
+    let dir = std::env::temp_dir().join(format!("wsgate-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("bad.yaml");
+    std::fs::write(
+        &path,
+        "routes:\n  - name: a\n    backend:\n      url: ftp://x\n    limits:\n      maxMesageBytes: 5\n",
+    )
+    .expect("write");
+    let out = Command::new(BIN)
+        .args(["gateway", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("routes[0].backend.url"), "{err}");
+    assert!(err.contains("maxMesageBytes"), "all errors are reported together: {err}");
+
+    let out = Command::new(BIN)
+        .args(["gateway", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--backend", "not a url"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--backend"));
+
+    let out = Command::new(BIN)
+        .args(["gateway", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(64), "no route source is a configuration error");
+}
+
+#[tokio::test]
+async fn healthz_and_readyz() {
+    let backend = Backend::echo().await;
+    let p = Proc::start(&["--backend", &backend.url()]).await;
+    let (status, _, body) = http_request(p.admin, "GET", "/healthz", &[], b"").await;
+    assert_eq!(status, 200);
+    assert_eq!(&body[..], b"ok\n");
+    let (status, _, body) = http_request(p.admin, "GET", "/readyz", &[], b"").await;
+    assert_eq!(status, 200);
+    assert!(String::from_utf8_lossy(&body).starts_with("ready"));
+}
+
+#[tokio::test]
+async fn sigterm_drains_clients_with_1001_closes_backends_and_exits_0() {
+    let backend = Backend::echo().await;
+    let mut p = Proc::start(&[
+        "--backend",
+        &backend.url(),
+        "--drain-period",
+        "200ms",
+        "--close-pacing",
+        "100ms",
+    ])
+    .await;
+    let url = format!("ws://{}/", p.addr);
+    let mut clients = Vec::new();
+    for _ in 0..20 {
+        let (ws, _) = tokio_tungstenite::connect_async(&url).await.expect("connect");
+        clients.push(Client { ws });
+    }
+    // Messages accepted before the signal are all answered.
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.send_text(&format!("before {i}")).await;
+        c.expect_text(&format!("before {i}")).await;
+    }
+    p.signal("TERM");
+    // Readiness fails at once while connections are still served.
+    let mut codes = Vec::new();
+    for c in clients.iter_mut() {
+        codes.push(c.expect_close().await.0);
+    }
+    assert!(codes.iter().all(|c| *c == 1001), "{codes:?}");
+    assert_eq!(p.wait_exit().await, Some(0));
+    let closes = backend
+        .requests()
+        .iter()
+        .filter(|r| r.events().iter().any(|e| matches!(e, Event::Close(Some(f)) if f.code == 1001)))
+        .count();
+    assert_eq!(closes, 20, "every connection's backend got CLOSE 1001");
+}
+
+#[tokio::test]
+async fn readiness_fails_during_drain() {
+    let backend = Backend::echo().await;
+    let p = Proc::start(&["--backend", &backend.url(), "--drain-period", "5s"]).await;
+    let _c = {
+        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/", p.addr))
+            .await
+            .expect("connect");
+        Client { ws }
+    };
+    p.signal("TERM");
+    eventually("readyz fails while draining", || async {
+        match tokio::net::TcpStream::connect(p.admin).await {
+            Ok(_) => http_request(p.admin, "GET", "/readyz", &[], b"").await.0 == 503,
+            Err(_) => false,
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn routes_file_reload_keeps_open_connections_and_applies_edits() {
+    let backend = Backend::echo().await;
+    let dir = std::env::temp_dir().join(format!("wsgate-reload-{}-{}", std::process::id(), rand_suffix()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("routes.yaml");
+    let v1 = format!("routes:\n  - name: app\n    backend:\n      url: {}\n", backend.url());
+    std::fs::write(&path, &v1).expect("write");
+    let p = Proc::start(&["--config", path.to_str().expect("utf8"), "--reload-interval", "50ms"]).await;
+    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/", p.addr))
+        .await
+        .expect("connect");
+    let mut c = Client { ws };
+    c.send_text("one").await;
+    c.expect_text("one").await;
+
+    // An edit: the route now adds a header. The open connection carries on and uses it.
+    let v2 = format!(
+        "routes:\n  - name: app\n    backend:\n      url: {}\n    headers:\n      add: [{{name: X-Version, value: \"2\"}}]\n",
+        backend.url()
+    );
+    std::fs::write(&path, &v2).expect("write");
+    eventually("reload applied", || async {
+        let (_, _, body) = http_request(p.admin, "GET", "/readyz", &[], b"").await;
+        String::from_utf8_lossy(&body).contains("version 2")
+    })
+    .await;
+    c.send_text("two").await;
+    c.expect_text("two").await;
+    let r = backend.wait_event(Event::Text(Bytes::from_static(b"two"))).await;
+    assert_eq!(r.header("x-version"), Some("2"));
+
+    // An invalid file is rejected; the old table stays and traffic flows.
+    std::fs::write(&path, "routes:\n  - name: app\n    backend: {}\n").expect("write");
+    c.send_text("three").await;
+    c.expect_text("three").await;
+    let (status, _, body) = http_request(p.admin, "GET", "/readyz", &[], b"").await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    drop(p);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as u64)
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn demo_serves_the_page_and_chat_works() {
+    let addr = free_addr();
+    let admin = free_addr();
+    let mut child = Command::new(BIN)
+        .args(["demo", "--listen", &addr.to_string(), "--admin-listen", &admin.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn demo");
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut first)
+        .expect("read");
+    assert!(first.contains(&format!("http://{addr}/")), "{first}");
+    eventually("demo up", || async { tokio::net::TcpStream::connect(addr).await.is_ok() }).await;
+    let (status, headers, body) = http_request(addr, "GET", "/", &[], b"").await;
+    assert_eq!(status, 200);
+    assert!(headers.get("content-type").is_some_and(|v| v.to_str().unwrap_or("").starts_with("text/html")));
+    assert!(String::from_utf8_lossy(&body).contains("new WebSocket"));
+
+    let mut echo = {
+        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/echo")).await.expect("connect");
+        Client { ws }
+    };
+    echo.send_text("ping?").await;
+    echo.expect_text("ping?").await;
+
+    let mut alice = {
+        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/chat?name=alice"))
+            .await
+            .expect("connect");
+        Client { ws }
+    };
+    let mut bob = {
+        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/chat?name=bob"))
+            .await
+            .expect("connect");
+        Client { ws }
+    };
+    // bob's join is announced to alice (both subscribed to the room).
+    wait_text_containing(&mut alice, "bob joined").await;
+    alice.send_text("hello bob").await;
+    let got = wait_text_containing(&mut bob, "hello bob").await;
+    let v: serde_json::Value = serde_json::from_str(&got).expect("json");
+    assert_eq!(v["from"], "alice");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+async fn wait_text_containing(c: &mut Client, needle: &str) -> String {
+    loop {
+        match c.next_data().await {
+            tokio_tungstenite::tungstenite::Message::Text(t) if t.as_str().contains(needle) => {
+                return t.to_string();
+            }
+            tokio_tungstenite::tungstenite::Message::Text(_) => continue,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
