@@ -182,6 +182,9 @@ async fn gateway(args: GatewayArgs) -> ExitCode {
         gateway: gw.clone(),
         listening: Default::default(),
         reload,
+        hub: wsgate::grip::Hub::new(gw.registry.clone()),
+        auth: None,
+        max_publish_body: admin::publish::DEFAULT_MAX_PUBLISH_BODY,
     });
     let admin_stop = CancellationToken::new();
     let admin_task = tokio::spawn(admin::run(admin_listener, admin_state.clone(), admin_stop.clone()));

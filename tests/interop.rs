@@ -29,6 +29,8 @@ enum Lang {
     Python,
     /// tests/interop/grip_backend.mjs with npm `@fanoutio/serve-grip` and `@fanoutio/grip`.
     Node,
+    /// examples/echo_backend.py: the protocol by hand, no library.
+    Example,
 }
 
 /// The value of a tool variable exported by scripts/test. `None` (with the reason printed) when
@@ -43,6 +45,11 @@ fn tool_var(var: &str, what: &str) -> Option<String> {
             None
         }
     }
+}
+
+/// The Python that scripts/test set up (`gripcontrol` installed).
+fn python() -> Option<String> {
+    tool_var("WSGATE_PYTHON", "a Python with the PyPI package gripcontrol")
 }
 
 fn script(name: &str) -> PathBuf {
@@ -64,11 +71,11 @@ impl ExternalBackend {
     async fn start(lang: Lang, verify_key: &str) -> Option<Self> {
         let mut cmd = match lang {
             Lang::Python => {
-                let python = tool_var("WSGATE_PYTHON", "a Python with the PyPI package gripcontrol")?;
-                let mut cmd = Command::new(python);
+                let mut cmd = Command::new(python()?);
                 cmd.arg(script("grip_backend.py"));
                 cmd
             }
+            Lang::Example => unreachable!("the example backend is started with spawn"),
             Lang::Node => {
                 let modules = tool_var(
                     "WSGATE_NODE_MODULES",
@@ -80,34 +87,43 @@ impl ExternalBackend {
                 cmd
             }
         };
-        cmd.env("GRIP_KEY", verify_key)
-            .env("GRIP_ISS", "wsgate")
-            .stdin(Stdio::piped())
+        cmd.env("GRIP_KEY", verify_key).env("GRIP_ISS", "wsgate");
+        Some(Self::spawn(lang, cmd).await)
+    }
+
+    /// Runs `cmd` and waits for its first stdout line, which ends with the port it listens on
+    /// (`LISTENING 4321`, `... http://127.0.0.1:4321`).
+    async fn spawn(lang: Lang, mut cmd: Command) -> Self {
+        cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true);
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start the {lang:?} backend: {e}"));
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start the {lang:?} backend: {e}"));
         let stdin = child.stdin.take().expect("piped stdin");
         let stdout = child.stdout.take().expect("piped stdout");
         let mut lines = BufReader::new(stdout).lines();
         let first = tokio::time::timeout(DEADLINE, lines.next_line())
             .await
-            .unwrap_or_else(|_| panic!("the {lang:?} backend did not print LISTENING in time"))
+            .unwrap_or_else(|_| panic!("the {lang:?} backend printed no port in time"))
             .expect("read backend stdout");
         let Some(line) = first else {
             let status = child.wait().await;
             panic!("the {lang:?} backend exited before listening ({status:?}); see its stderr above");
         };
-        let port: u16 = line
-            .strip_prefix("LISTENING ")
-            .and_then(|p| p.trim().parse().ok())
-            .unwrap_or_else(|| panic!("unexpected first line from the {lang:?} backend: {line:?}"));
-        Some(Self {
+        let trimmed = line.trim_end();
+        let port: u16 = trimmed
+            .rsplit(|c: char| !c.is_ascii_digit())
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no port at the end of the {lang:?} backend's first line: {line:?}"));
+        Self {
             lang,
             addr: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
             _child: child,
             _stdin: stdin,
-        })
+        }
     }
 
     fn url(&self) -> String {
@@ -117,13 +133,21 @@ impl ExternalBackend {
     /// The backend's log of events requests, once an event of `event_type` is in it (the
     /// backend waits for it, up to 8 s).
     async fn log_until(&self, event_type: &str) -> Vec<Value> {
-        let (status, _, body) =
-            http_request(self.addr, "GET", &format!("/log?until={event_type}&timeout=8"), &[], b"").await;
+        let (status, _, body) = http_request(
+            self.addr,
+            "GET",
+            &format!("/log?until={event_type}&timeout=8"),
+            &[],
+            b"",
+        )
+        .await;
         assert_eq!(status, 200, "GET /log on the {:?} backend", self.lang);
         let log: Value = serde_json::from_slice(&body).expect("backend log is JSON");
         let requests = log["requests"].as_array().expect("requests array").clone();
         assert!(
-            requests.iter().any(|r| events_of(r).iter().any(|e| e["type"] == event_type)),
+            requests
+                .iter()
+                .any(|r| events_of(r).iter().any(|e| e["type"] == event_type)),
             "the {:?} backend never saw {event_type}; log: {requests:#?}",
             self.lang
         );
@@ -175,14 +199,26 @@ async fn echo_and_clean_close(lang: Lang) {
     }))
     .await
     .expect("send close");
-    assert_eq!(c.expect_close().await, (1000, String::new()), "the backend's CLOSE answer");
+    assert_eq!(
+        c.expect_close().await,
+        (1000, String::new()),
+        "the backend's CLOSE answer"
+    );
 
     let log = backend.log_until("CLOSE").await;
-    assert_eq!(events_of(&log[0]), vec![serde_json::json!({"type": "OPEN"})], "first request: {log:#?}");
+    assert_eq!(
+        events_of(&log[0]),
+        vec![serde_json::json!({"type": "OPEN"})],
+        "first request: {log:#?}"
+    );
     assert_eq!(log[0]["path"], "/chat?room=1");
     let id = log[0]["connection_id"].as_str().expect("Connection-Id").to_owned();
     for r in &log {
-        assert_eq!(r["connection_id"], id.as_str(), "one Connection-Id per connection: {r:#}");
+        assert_eq!(
+            r["connection_id"],
+            id.as_str(),
+            "one Connection-Id per connection: {r:#}"
+        );
         assert_eq!(r["grip_extension"], "grip", "GRIP offered on every request: {r:#}");
         assert_eq!(r["sig_present"], true, "Grip-Sig on every request: {r:#}");
         assert_eq!(r["sig_valid"], true, "the library accepted Grip-Sig: {r:#}");
@@ -199,7 +235,11 @@ async fn echo_and_clean_close(lang: Lang) {
         .map(|e| e["text"].clone())
         .collect();
     assert_eq!(texts, vec![Value::from("hello"), Value::from("second")]);
-    let close = log.iter().flat_map(events_of).find(|e| e["type"] == "CLOSE").expect("CLOSE");
+    let close = log
+        .iter()
+        .flat_map(events_of)
+        .find(|e| e["type"] == "CLOSE")
+        .expect("CLOSE");
     assert_eq!(close["code"], 1000);
 }
 
@@ -216,7 +256,10 @@ async fn wrong_key_fails_validation(lang: Lang) {
     let log = backend.log_until("TEXT").await;
     for r in &log {
         assert_eq!(r["sig_present"], true);
-        assert_eq!(r["sig_valid"], false, "a signature with the wrong key must not validate: {r:#}");
+        assert_eq!(
+            r["sig_valid"], false,
+            "a signature with the wrong key must not validate: {r:#}"
+        );
     }
 }
 
@@ -231,7 +274,9 @@ async fn library_publish_reaches_subscriber(lang: Lang) {
     // One round trip: the OPEN response (with the subscribe) has been applied before this echo.
     c.send_text("ready").await;
     c.expect_text("ready").await;
-    backend.publish(&format!("http://{}", gw.admin), "room", "from-the-library").await;
+    backend
+        .publish(&format!("http://{}", gw.admin), "room", "from-the-library")
+        .await;
     c.expect_text("from-the-library").await;
 }
 
@@ -253,4 +298,50 @@ async fn node_serve_grip_backend_echo_meta_sig_and_close() {
 #[tokio::test]
 async fn node_grip_rejects_a_signature_made_with_another_key() {
     wrong_key_fails_validation(Lang::Node).await;
+}
+
+/// The README's example backend (examples/echo_backend.py, standard library only) works
+/// behind the gateway as documented: WebSocket echo, and plain HTTP passed through.
+#[tokio::test]
+async fn example_echo_backend_works_behind_the_gateway() {
+    let Some(python) = python() else {
+        return;
+    };
+    let mut cmd = Command::new(python);
+    cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/echo_backend.py"))
+        .args(["--port", "0"]);
+    let backend = ExternalBackend::spawn(Lang::Example, cmd).await;
+    let gw = TestGateway::start(&backend.url()).await;
+    let mut c = gw.connect("/any/path").await;
+    c.send_text("hi").await;
+    c.expect_text("hi").await;
+    c.send(tokio_tungstenite::tungstenite::Message::binary(vec![0u8, 255, 1]))
+        .await;
+    match c.next_data().await {
+        tokio_tungstenite::tungstenite::Message::Binary(b) => assert_eq!(&b[..], &[0, 255, 1]),
+        other => panic!("expected the binary echo, got {other:?}"),
+    }
+    c.ws.close(Some(WsCloseFrame {
+        code: CloseCode::Away,
+        reason: "done".into(),
+    }))
+    .await
+    .expect("send close");
+    assert_eq!(c.expect_close().await, (1001, "done".to_owned()));
+    let (status, _, body) = http_request(gw.addr, "GET", "/", &[], b"").await;
+    assert_eq!(status, 200);
+    assert!(
+        String::from_utf8_lossy(&body).starts_with("wsgate echo backend"),
+        "{body:?}"
+    );
+}
+
+#[tokio::test]
+async fn python_grippubcontrol_publish_reaches_the_subscribed_client() {
+    library_publish_reaches_subscriber(Lang::Python).await;
+}
+
+#[tokio::test]
+async fn node_publisher_publish_reaches_the_subscribed_client() {
+    library_publish_reaches_subscriber(Lang::Node).await;
 }

@@ -11,6 +11,11 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+pub mod auth;
+pub mod client;
+pub mod connections;
+pub mod publish;
+
 use crate::config::ReloadStatus;
 use crate::server::{Gateway, ResponseBody, text_response};
 
@@ -23,6 +28,13 @@ pub struct AdminState {
     pub listening: AtomicBool,
     /// Routes-file reload status, when a file is used.
     pub reload: Option<Arc<ReloadStatus>>,
+    /// Where publishes and connection-API calls go.
+    pub hub: crate::grip::Hub,
+    /// Authentication required by the publish and connection APIs; `None` = open.
+    pub auth: Option<auth::Auth>,
+    /// Largest publish / connection-API request body in bytes
+    /// ([`publish::DEFAULT_MAX_PUBLISH_BODY`] by default).
+    pub max_publish_body: usize,
 }
 
 impl AdminState {
@@ -76,6 +88,8 @@ async fn route(st: &AdminState, req: Request<Incoming>) -> Response<ResponseBody
             }
             Some(r) => text_response(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {r}\n")),
         },
+        (_, "/publish" | "/publish/") => publish::handle(st, req).await,
+        (_, path) if path.starts_with(connections::PREFIX) => connections::handle(st, req).await,
         _ => text_response(StatusCode::NOT_FOUND, "not found\n"),
     }
 }

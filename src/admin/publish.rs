@@ -100,7 +100,8 @@ pub(crate) async fn read_body(req: Request<Incoming>, limit: usize) -> Result<By
         discard(req.into_body()).await;
         return Err(too_large());
     }
-    let mut body = Limited::new(req.into_body(), limit);
+    let mut incoming = req.into_body();
+    let mut body = Limited::new(&mut incoming, limit);
     let mut buf = BytesMut::new();
     while let Some(frame) = body.frame().await {
         match frame {
@@ -111,7 +112,7 @@ pub(crate) async fn read_body(req: Request<Incoming>, limit: usize) -> Result<By
             }
             Err(e) if e.is::<LengthLimitError>() => {
                 drop(buf);
-                discard(body.into_inner()).await;
+                discard(incoming).await;
                 return Err(too_large());
             }
             Err(e) => {

@@ -112,6 +112,10 @@ pub struct BackendSpec {
     /// `Host` header sent to the backend instead of the client's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_override: Option<String>,
+    /// PEM file of CA certificates to trust for an `https` backend, in addition to the
+    /// public web roots (for backends with private certificates).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
 }
 
 /// A Kubernetes Service port.
@@ -341,6 +345,8 @@ pub struct TimeoutsSpec {
     pub connect: DurationSpec,
     /// A whole backend request, body included.
     pub request: DurationSpec,
+    /// How long a close waits for the other side's answering close (client or backend).
+    pub close: DurationSpec,
 }
 
 impl Default for TimeoutsSpec {
@@ -348,6 +354,7 @@ impl Default for TimeoutsSpec {
         Self {
             connect: DurationSpec::from_secs(5),
             request: DurationSpec::from_secs(30),
+            close: DurationSpec::from_secs(5),
         }
     }
 }

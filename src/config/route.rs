@@ -4,6 +4,7 @@
 use std::borrow::Cow;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -105,6 +106,8 @@ pub struct Backend {
     pub path_rewrite: Option<String>,
     /// `Host` header to send instead of the client's.
     pub host_override: Option<HeaderValue>,
+    /// Extra CA certificates (PEM) trusted for an `https` backend.
+    pub ca_pem: Option<Arc<[u8]>>,
 }
 
 impl Backend {
@@ -279,6 +282,8 @@ pub struct Timeouts {
     pub connect: Duration,
     /// A whole request, body included.
     pub request: Duration,
+    /// Wait for the answering close.
+    pub close: Duration,
 }
 
 /// Backend retry policy for failures before the request body was sent.
@@ -636,12 +641,30 @@ fn compile_backend(spec: &BackendSpec, ctx: &CompileContext<'_>, p: &mut Problem
             .ok()?;
         (Scheme::HTTP, authority, String::new())
     };
+    let ca_pem = spec.ca_file.as_deref().and_then(|file| {
+        if scheme != Scheme::HTTPS {
+            p.push("backend.caFile", "only applies to https backends");
+            return None;
+        }
+        match read_key_file(file, ctx.base_dir) {
+            Ok(pem) if pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") => Some(Arc::from(pem)),
+            Ok(_) => {
+                p.push("backend.caFile", format!("{file}: no PEM certificate in it"));
+                None
+            }
+            Err(m) => {
+                p.push("backend.caFile", m);
+                None
+            }
+        }
+    });
     Some(Backend {
         scheme,
         authority,
         base_path,
         path_rewrite,
         host_override,
+        ca_pem,
     })
 }
 
@@ -978,9 +1001,13 @@ fn compile_timeouts(spec: &TimeoutsSpec, p: &mut Problems) -> Timeouts {
     if spec.request.is_zero() {
         p.push("timeouts.request", "must be greater than 0s");
     }
+    if spec.close.is_zero() {
+        p.push("timeouts.close", "must be greater than 0s");
+    }
     Timeouts {
         connect: spec.connect.get(),
         request: spec.request.get(),
+        close: spec.close.get(),
     }
 }
 

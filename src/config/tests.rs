@@ -164,6 +164,7 @@ fn parses_the_full_example() {
         Timeouts {
             connect: Duration::from_millis(500),
             request: Duration::from_secs(60),
+            close: Duration::from_secs(5),
         }
     );
     assert_eq!(
@@ -241,6 +242,7 @@ fn an_almost_empty_route_gets_the_defaults() {
         Timeouts {
             connect: Duration::from_secs(5),
             request: Duration::from_secs(30),
+            close: Duration::from_secs(5),
         }
     );
     assert_eq!(

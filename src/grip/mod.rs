@@ -10,6 +10,7 @@
 //! slowed down.
 
 pub mod hub;
+pub mod nats;
 
 pub use hub::Hub;
 

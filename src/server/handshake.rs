@@ -49,7 +49,7 @@ pub fn session_config(route: &Route) -> SessionConfig {
         retry_initial_backoff: route.retries.initial_backoff,
         retry_max_backoff: route.retries.max_backoff,
         meta_allowed: route.meta_allowed.clone().map(Arc::new),
-        close_timeout: std::time::Duration::from_secs(5),
+        close_timeout: route.timeouts.close,
         grip_enabled: route.grip.enabled,
         max_subscriptions: route.grip.max_subscriptions,
         messages_per_second: route.limits.messages_per_second,
@@ -140,7 +140,7 @@ pub(super) async fn handle(
     let conn = Connection {
         session,
         template,
-        client: gw.pool.client(route.timeouts.connect),
+        client: gw.pool.client_for(&route),
         limits: BackendLimits {
             timeout: route.timeouts.request,
             max_body: route.limits.max_response_bytes,

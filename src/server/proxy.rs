@@ -37,7 +37,7 @@ pub(super) async fn handle(
     *out.headers_mut() = template.headers();
     *out.uri_mut() = template.uri;
     *out.version_mut() = http::Version::HTTP_11;
-    let client = gw.pool.client(route.timeouts.connect);
+    let client = gw.pool.client_for(&route);
     let resp = match tokio::time::timeout(route.timeouts.request, client.request(out)).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {

@@ -128,9 +128,11 @@ impl GripState {
         }
     }
 
-    pub(super) fn send_delayed(&mut self, m: TimedMessage, now: Instant) {
+    /// Schedules a delayed message; a message still pending is returned to be sent now
+    /// (as Pushpin does: a new `send-delayed` flushes the previous one).
+    pub(super) fn send_delayed(&mut self, m: TimedMessage, now: Instant) -> Option<TimedMessage> {
         let at = now + Duration::from_secs(u64::from(m.timeout_secs));
-        self.delayed = Some((m, at));
+        self.delayed.replace((m, at)).map(|(prev, _)| prev)
     }
 
     pub(super) fn take_delayed(&mut self) -> Option<TimedMessage> {

@@ -761,7 +761,11 @@ impl Session {
             ControlMessage::Detach => grip.detached = true,
             ControlMessage::SetMeta { name, value } => grip.set_meta(name, value),
             ControlMessage::KeepAlive(m) => grip.set_keep_alive(m, now),
-            ControlMessage::SendDelayed(m) => grip.send_delayed(m, now),
+            ControlMessage::SendDelayed(m) => {
+                if let Some(prev) = grip.send_delayed(m, now) {
+                    self.send_grip_message(prev.kind, prev.content, now);
+                }
+            }
             ControlMessage::FlushDelayed => {
                 if let Some(m) = grip.take_delayed() {
                     self.send_grip_message(m.kind, m.content, now);

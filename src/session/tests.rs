@@ -698,3 +698,65 @@ fn grip_keep_alive_is_sent_by_the_gateway() {
     s.handle_timeout(due);
     assert_eq!(sent(&actions(&mut s)), vec![text("ka")]);
 }
+
+#[test]
+fn grip_send_delayed_fires_after_timeout_and_flush_sends_now() {
+    let now = t0();
+    let mut s = open_grip(cfg(), now);
+    backend_says(&mut s, r#"c:{"type":"send-delayed","content":"later","timeout":3}"#, now);
+    assert_eq!(s.poll_timeout(), Some(now + Duration::from_secs(3)));
+    s.handle_timeout(now + Duration::from_secs(3));
+    assert_eq!(sent(&actions(&mut s)), vec![text("later")]);
+
+    backend_says(&mut s, r#"c:{"type":"send-delayed","content":"one","timeout":10}"#, now);
+    // A new send-delayed flushes the pending one first.
+    let a = backend_says(&mut s, r#"c:{"type":"send-delayed","content":"two","timeout":10}"#, now);
+    assert_eq!(sent(&a), vec![text("one")]);
+    let a = backend_says(&mut s, r#"c:{"type":"flush-delayed"}"#, now);
+    assert_eq!(sent(&a), vec![text("two")]);
+    assert_eq!(s.poll_timeout(), None, "nothing left pending");
+}
+
+#[test]
+fn grip_set_meta_and_session_are_recorded() {
+    let now = t0();
+    let mut s = open_grip(cfg(), now);
+    backend_says(&mut s, r#"c:{"type":"set-meta","name":"user","value":"alice"}"#, now);
+    backend_says(&mut s, r#"c:{"type":"session","id":"s-1"}"#, now);
+    let g = s.grip().expect("grip");
+    assert_eq!(g.meta.get("user").map(String::as_str), Some("alice"));
+    assert_eq!(g.session_id.as_deref(), Some("s-1"));
+    backend_says(&mut s, r#"c:{"type":"set-meta","name":"user"}"#, now);
+    assert!(s.grip().expect("grip").meta.is_empty(), "no value deletes");
+}
+
+#[test]
+fn grip_malformed_control_is_ignored_and_counted() {
+    let now = t0();
+    let mut s = open_grip(cfg(), now);
+    let a = backend_says(&mut s, r#"c:{"type":"no-such-thing"}"#, now);
+    assert!(sent(&a).is_empty());
+    backend_says(&mut s, "c:{not json", now);
+    assert_eq!(s.stats().control_errors, 2);
+    assert!(s.is_open(), "the connection carries on");
+}
+
+#[test]
+fn grip_off_for_route_means_messages_pass_unchanged() {
+    let now = t0();
+    let mut s = Session::new(
+        SessionConfig {
+            grip_enabled: false,
+            ..cfg()
+        },
+        now,
+        1,
+    );
+    let r = request(&actions(&mut s)).expect("OPEN");
+    assert!(!r.grip);
+    s.handle_backend(ok(b"OPEN\r\n", &[("Sec-WebSocket-Extensions", "grip")]), now);
+    actions(&mut s);
+    assert!(s.grip().is_none(), "a route without GRIP ignores the backend's extension");
+    let a = backend_says(&mut s, "c:{\"type\":\"detach\"}", now);
+    assert_eq!(sent(&a), vec![text("c:{\"type\":\"detach\"}")]);
+}

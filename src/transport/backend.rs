@@ -30,7 +30,7 @@ pub type ProxyBody = http_body_util::combinators::UnsyncBoxBody<Bytes, Box<dyn s
 /// Pooled backend clients, one per connect timeout (routes may differ).
 #[derive(Clone)]
 pub struct BackendPool {
-    clients: Arc<Mutex<HashMap<Duration, Client<Connector, ProxyBody>>>>,
+    clients: Arc<Mutex<HashMap<(Duration, Option<Arc<[u8]>>), Client<Connector, ProxyBody>>>>,
     idle_timeout: Duration,
     max_idle_per_host: usize,
 }
@@ -52,50 +52,56 @@ impl BackendPool {
         }
     }
 
-    /// The client for a connect timeout (created once, then shared).
-    pub fn client(&self, connect_timeout: Duration) -> Client<Connector, ProxyBody> {
+    /// The client for a route's backend settings (connect timeout, extra CAs), created once
+    /// and then shared by every connection with the same settings.
+    pub fn client_for(&self, route: &Route) -> Client<Connector, ProxyBody> {
+        self.client(route.timeouts.connect, route.backend.ca_pem.clone())
+    }
+
+    /// The client for a connect timeout and optional extra CA certificates (PEM).
+    pub fn client(&self, connect_timeout: Duration, ca_pem: Option<Arc<[u8]>>) -> Client<Connector, ProxyBody> {
         // A poisoned lock only means another thread panicked mid-insert; the map is still usable.
         let mut map = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        map.entry(connect_timeout)
+        map.entry((connect_timeout, ca_pem.clone()))
             .or_insert_with(|| {
                 let mut http = HttpConnector::new();
                 http.set_connect_timeout(Some(connect_timeout));
                 http.set_nodelay(true);
                 http.enforce_http(false);
-                let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                    .with_safe_default_protocol_versions()
-                    .map(|b| {
-                        b.with_root_certificates(rustls::RootCertStore {
-                            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-                        })
-                        .with_no_client_auth()
-                    });
-                let connector = match tls {
-                    Ok(tls) => hyper_rustls::HttpsConnectorBuilder::new()
-                        .with_tls_config(tls)
-                        .https_or_http()
-                        .enable_http1()
-                        .wrap_connector(http),
-                    Err(e) => {
-                        // ring supports the default protocol versions; this cannot fail in practice.
-                        tracing::error!(cause = %e, "TLS setup failed; https backends unavailable");
-                        hyper_rustls::HttpsConnectorBuilder::new()
-                            .with_tls_config(
-                                rustls::ClientConfig::builder()
-                                    .with_root_certificates(rustls::RootCertStore::empty())
-                                    .with_no_client_auth(),
-                            )
-                            .https_or_http()
-                            .enable_http1()
-                            .wrap_connector(HttpConnector::new())
-                    }
-                };
+                let connector = hyper_rustls::HttpsConnectorBuilder::new()
+                    .with_tls_config(tls_config(ca_pem.as_deref()))
+                    .https_or_http()
+                    .enable_http1()
+                    .wrap_connector(http);
                 Client::builder(TokioExecutor::new())
                     .pool_idle_timeout(self.idle_timeout)
                     .pool_max_idle_per_host(self.max_idle_per_host)
                     .build(connector)
             })
             .clone()
+    }
+}
+
+/// TLS settings for backends: the public web roots plus the route's extra CAs.
+fn tls_config(ca_pem: Option<&[u8]>) -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    if let Some(pem) = ca_pem {
+        let mut reader = std::io::BufReader::new(pem);
+        for cert in rustls_pemfile::certs(&mut reader).flatten() {
+            if let Err(e) = roots.add(cert) {
+                tracing::warn!(cause = %e, "ignoring an unusable CA certificate");
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    match rustls::ClientConfig::builder_with_provider(provider).with_safe_default_protocol_versions() {
+        Ok(b) => b.with_root_certificates(roots).with_no_client_auth(),
+        // ring supports the default protocol versions; fall back to the process default.
+        Err(_) => rustls::ClientConfig::builder()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth(),
     }
 }
 

@@ -231,7 +231,8 @@ impl Backend {
     pub async fn wait_event(&self, ev: Event) -> Recorded {
         let reqs = self
             .wait_for(&format!("event {ev:?}"), |r| {
-                r.iter().any(|x| x.header("content-type").is_some() && x.events().contains(&ev))
+                r.iter()
+                    .any(|x| x.header("content-type").is_some() && x.events().contains(&ev))
             })
             .await;
         reqs.into_iter()
@@ -299,6 +300,9 @@ impl TestGateway {
             gateway: gw.clone(),
             listening: true.into(),
             reload: None,
+            hub: wsgate::grip::Hub::new(gw.registry.clone()),
+            auth: None,
+            max_publish_body: wsgate::admin::publish::DEFAULT_MAX_PUBLISH_BODY,
         });
         tokio::spawn(wsgate::admin::run(admin_listener, state, admin_stop.clone()));
         tokio::spawn(wsgate::server::run(listener, gw.clone(), stop.clone()));
