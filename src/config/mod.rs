@@ -37,6 +37,7 @@
 //! Limits worth knowing: `limits.maxBatchBytes` caps *batching* only: a single client
 //! message larger than it (but within `maxMessageBytes`) is still sent, alone in its request.
 
+pub mod control;
 pub mod duration;
 mod error;
 mod file;

@@ -67,7 +67,6 @@ use base64::Engine as _;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -995,6 +994,7 @@ async fn serve_conn_requests(client: Client, mut sub: Subscriber, shared: Arc<Sh
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
 
     fn item(channel: &str, text: &str) -> Item {
         Item {
@@ -1033,7 +1033,7 @@ mod tests {
             let s = channel_subject("wsgate", n);
             let token = s.strip_prefix("wsgate.ch.").expect("plain form");
             assert!(n.is_empty() || is_valid_subject_token(token), "{n:?} -> {s:?}");
-            assert!(seen.insert(s), "two names share a subject");
+            assert!(seen.insert(s.clone()), "two names share a subject");
             let back = base64::engine::general_purpose::URL_SAFE_NO_PAD
                 .decode(token)
                 .expect("base64url");

@@ -987,7 +987,9 @@ impl Session {
             }
             self.meta.retain(|(k, _)| k != meta);
             if !value.is_empty() {
-                self.meta.push((meta.to_owned(), value.clone()));
+                // A copy: the response's header values share the HTTP client's read buffer.
+                let owned = HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
+                self.meta.push((meta.to_owned(), owned));
             }
             changed = true;
         }

@@ -190,18 +190,32 @@ impl RequestTemplate {
     ) -> Result<Self, crate::config::RouteError> {
         let uri = route.backend.uri_for(prefix, path_and_query)?;
         let listed = connection_listed(client_headers);
-        let mut kept = Vec::with_capacity(client_headers.len());
-        for (name, value) in client_headers {
-            if is_hop_by_hop(name)
-                || listed.contains(name)
-                || (websocket && is_gateway_owned(name))
-                || (!websocket && (name.as_str().starts_with("meta-") || name == "grip-sig"))
-                || name == header::HOST
-                || name == "x-forwarded-for"
-            {
-                continue;
-            }
-            kept.push((name.clone(), value.clone()));
+        let replayed: Vec<(&HeaderName, &HeaderValue)> = client_headers
+            .iter()
+            .filter(|(name, _)| {
+                !(is_hop_by_hop(name)
+                    || listed.contains(name)
+                    || (websocket && is_gateway_owned(name))
+                    || (!websocket && (name.as_str().starts_with("meta-") || *name == "grip-sig"))
+                    || *name == header::HOST
+                    || *name == "x-forwarded-for")
+            })
+            .collect();
+        // Header values parsed by hyper are slices of its read buffer: keeping them would keep
+        // that whole buffer alive for the connection's lifetime. Copy them into one compact
+        // allocation instead.
+        let mut blob = bytes::BytesMut::with_capacity(replayed.iter().map(|(_, v)| v.len()).sum());
+        for (_, v) in &replayed {
+            blob.extend_from_slice(v.as_bytes());
+        }
+        let blob = blob.freeze();
+        let mut kept = Vec::with_capacity(replayed.len());
+        let mut at = 0;
+        for (name, v) in replayed {
+            let slice = blob.slice(at..at + v.len());
+            at += v.len();
+            let value = HeaderValue::from_maybe_shared(slice).unwrap_or_else(|_| v.clone());
+            kept.push((name.clone(), value));
         }
         let prior: Vec<&str> = client_headers
             .get_all("x-forwarded-for")
@@ -212,7 +226,9 @@ impl RequestTemplate {
             uri,
             route,
             client: kept,
-            host: client_headers.get(header::HOST).cloned(),
+            host: client_headers
+                .get(header::HOST)
+                .and_then(|h| HeaderValue::from_bytes(h.as_bytes()).ok()),
             prior_xff: (!prior.is_empty()).then(|| prior.join(", ")),
             peer_ip: client.peer.ip().to_string(),
             tls: client.tls,
