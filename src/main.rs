@@ -41,9 +41,35 @@ enum LogFormat {
 enum Command {
     /// Run the data plane.
     Gateway(GatewayArgs),
+    /// Publish a message to a channel through a gateway's publish API.
+    Publish(PublishArgs),
     /// Try wsgate: a gateway in front of a built-in demo backend (echo and a GRIP chat room)
     /// with a web page at http://127.0.0.1:8080/.
     Demo(DemoArgs),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct PublishArgs {
+    /// Channel to publish to.
+    #[arg(long)]
+    channel: String,
+    /// Send MESSAGE as a binary message (its UTF-8 bytes).
+    #[arg(long)]
+    binary: bool,
+    /// Close the subscribers' connections with this code instead of sending a message.
+    #[arg(long)]
+    close: Option<u16>,
+    /// Close reason (with --close).
+    #[arg(long)]
+    reason: Option<String>,
+    /// The gateway's admin URL.
+    #[arg(long, default_value = "http://127.0.0.1:9090", env = "WSGATE_ADMIN_URL")]
+    url: String,
+    /// Bearer token (a static token or a JWT) for a publish API that requires one.
+    #[arg(long, env = "WSGATE_PUBLISH_TOKEN")]
+    token: Option<String>,
+    /// The message.
+    message: Option<String>,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -91,6 +117,19 @@ struct GatewayArgs {
     /// Most request headers accepted from a client.
     #[arg(long, default_value_t = 100)]
     max_headers: usize,
+    /// Require `Authorization: Bearer TOKEN` on the publish and connection APIs.
+    #[arg(long, env = "WSGATE_ADMIN_TOKEN", conflicts_with = "publish_jwt_key")]
+    admin_token: Option<String>,
+    /// Require a JWT (HS256, `exp` required) signed with this key on the publish and
+    /// connection APIs, as GRIP publishers send it (`base64:` prefix for binary keys).
+    #[arg(long, env = "WSGATE_PUBLISH_JWT_KEY")]
+    publish_jwt_key: Option<String>,
+    /// Allow an admin listener on a non-loopback address without a token or key.
+    #[arg(long)]
+    admin_allow_unauthenticated: bool,
+    /// Largest publish or connection-API request body.
+    #[arg(long, default_value_t = 1_000_000)]
+    max_publish_body: usize,
 }
 
 fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
@@ -119,6 +158,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Gateway(args) => rt.block_on(gateway(args)),
         Command::Demo(args) => rt.block_on(demo(args)),
+        Command::Publish(args) => rt.block_on(publish(args)),
     }
 }
 
@@ -134,6 +174,21 @@ fn load_table(args: &GatewayArgs) -> Result<RouteTable, String> {
 }
 
 async fn gateway(args: GatewayArgs) -> ExitCode {
+    let auth = match admin::auth::Auth::from_flags(args.admin_token.clone(), args.publish_jwt_key.clone()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("wsgate: bad configuration: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if auth.is_none() && !admin::auth::is_loopback(&args.admin_listen) && !args.admin_allow_unauthenticated {
+        eprintln!(
+            "wsgate: bad configuration: --admin-listen {} is not a loopback address; set --admin-token or \
+             --publish-jwt-key (or --admin-allow-unauthenticated)",
+            args.admin_listen
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    }
     let table = match load_table(&args) {
         Ok(t) => t,
         Err(e) => {
@@ -183,8 +238,8 @@ async fn gateway(args: GatewayArgs) -> ExitCode {
         listening: Default::default(),
         reload,
         hub: wsgate::grip::Hub::new(gw.registry.clone()),
-        auth: None,
-        max_publish_body: admin::publish::DEFAULT_MAX_PUBLISH_BODY,
+        auth,
+        max_publish_body: args.max_publish_body,
     });
     let admin_stop = CancellationToken::new();
     let admin_task = tokio::spawn(admin::run(admin_listener, admin_state.clone(), admin_stop.clone()));
@@ -242,7 +297,10 @@ async fn demo(args: DemoArgs) -> ExitCode {
         format!("http://{}/publish/", args.admin_listen),
         stop_backend.clone(),
     ));
-    println!("wsgate demo: open http://{}/ in a browser (two tabs to chat); Ctrl-C stops", args.listen);
+    println!(
+        "wsgate demo: open http://{}/ in a browser (two tabs to chat); Ctrl-C stops",
+        args.listen
+    );
     let gateway_args = GatewayArgs {
         listen: args.listen,
         backend: Some(format!("http://{backend_addr}")),
@@ -255,8 +313,37 @@ async fn demo(args: DemoArgs) -> ExitCode {
         close_pacing: DurationSpec::from_millis(100),
         shutdown_timeout: DurationSpec::from_secs(5),
         max_headers: 100,
+        admin_token: None,
+        publish_jwt_key: None,
+        admin_allow_unauthenticated: false,
+        max_publish_body: 1_000_000,
     };
     let code = gateway(gateway_args).await;
     stop_backend.cancel();
     code
+}
+
+async fn publish(args: PublishArgs) -> ExitCode {
+    let action = match admin::client::action_from_cli(
+        args.message.as_deref(),
+        args.binary,
+        args.close,
+        args.reason.as_deref(),
+    ) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("wsgate publish: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match admin::client::publish(&args.url, args.token.as_deref(), &args.channel, &action).await {
+        Ok(body) => {
+            print!("{body}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("wsgate publish: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

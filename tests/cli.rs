@@ -96,17 +96,35 @@ fn bad_config_exits_64_naming_the_field() {
     )
     .expect("write");
     let out = Command::new(BIN)
-        .args(["gateway", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--config"])
+        .args([
+            "gateway",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--config",
+        ])
         .arg(&path)
         .output()
         .expect("run");
     assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("routes[0].backend.url"), "{err}");
-    assert!(err.contains("maxMesageBytes"), "all errors are reported together: {err}");
+    assert!(
+        err.contains("maxMesageBytes"),
+        "all errors are reported together: {err}"
+    );
 
     let out = Command::new(BIN)
-        .args(["gateway", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--backend", "not a url"])
+        .args([
+            "gateway",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--backend",
+            "not a url",
+        ])
         .output()
         .expect("run");
     assert_eq!(out.status.code(), Some(64));
@@ -165,7 +183,11 @@ async fn sigterm_drains_clients_with_1001_closes_backends_and_exits_0() {
     let closes = backend
         .requests()
         .iter()
-        .filter(|r| r.events().iter().any(|e| matches!(e, Event::Close(Some(f)) if f.code == 1001)))
+        .filter(|r| {
+            r.events()
+                .iter()
+                .any(|e| matches!(e, Event::Close(Some(f)) if f.code == 1001))
+        })
         .count();
     assert_eq!(closes, 20, "every connection's backend got CLOSE 1001");
 }
@@ -244,7 +266,13 @@ async fn demo_serves_the_page_and_chat_works() {
     let addr = free_addr();
     let admin = free_addr();
     let mut child = Command::new(BIN)
-        .args(["demo", "--listen", &addr.to_string(), "--admin-listen", &admin.to_string()])
+        .args([
+            "demo",
+            "--listen",
+            &addr.to_string(),
+            "--admin-listen",
+            &admin.to_string(),
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -254,14 +282,23 @@ async fn demo_serves_the_page_and_chat_works() {
         .read_line(&mut first)
         .expect("read");
     assert!(first.contains(&format!("http://{addr}/")), "{first}");
-    eventually("demo up", || async { tokio::net::TcpStream::connect(addr).await.is_ok() }).await;
+    eventually("demo up", || async {
+        tokio::net::TcpStream::connect(addr).await.is_ok()
+    })
+    .await;
     let (status, headers, body) = http_request(addr, "GET", "/", &[], b"").await;
     assert_eq!(status, 200);
-    assert!(headers.get("content-type").is_some_and(|v| v.to_str().unwrap_or("").starts_with("text/html")));
+    assert!(
+        headers
+            .get("content-type")
+            .is_some_and(|v| v.to_str().unwrap_or("").starts_with("text/html"))
+    );
     assert!(String::from_utf8_lossy(&body).contains("new WebSocket"));
 
     let mut echo = {
-        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/echo")).await.expect("connect");
+        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/echo"))
+            .await
+            .expect("connect");
         Client { ws }
     };
     echo.send_text("ping?").await;
@@ -299,4 +336,88 @@ async fn wait_text_containing(c: &mut Client, needle: &str) -> String {
             other => panic!("unexpected {other:?}"),
         }
     }
+}
+
+#[test]
+fn non_loopback_admin_without_auth_is_refused() {
+    let out = Command::new(BIN)
+        .args([
+            "gateway",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "0.0.0.0:0",
+            "--backend",
+            "http://127.0.0.1:1",
+        ])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--admin-token"));
+}
+
+#[tokio::test]
+async fn publish_subcommand_reaches_subscribers() {
+    use wsgate::protocol::control::{ControlMessage, encode_control};
+    let backend = Backend::start(|r| {
+        if r.events().contains(&Event::Open) {
+            Reply::events(&[
+                Event::Open,
+                Event::Text(encode_control(&ControlMessage::Subscribe {
+                    channel: "news".into(),
+                    filters: vec![],
+                })),
+            ])
+            .header("sec-websocket-extensions", "grip")
+        } else {
+            Reply::events(&[])
+        }
+    })
+    .await;
+    let p = Proc::start(&["--backend", &backend.url(), "--admin-token", "s3cret"]).await;
+    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/", p.addr))
+        .await
+        .expect("connect");
+    let mut c = Client { ws };
+    // The subscription is in place once the OPEN exchange is done; publish until it lands.
+    let admin_url = format!("http://{}", p.admin);
+    let out = Command::new(BIN)
+        .args(["publish", "--url", &admin_url, "--channel", "news", "no token"])
+        .output()
+        .expect("run");
+    assert!(!out.status.success(), "the publish API requires the token");
+    let out = Command::new(BIN)
+        .args([
+            "publish",
+            "--url",
+            &admin_url,
+            "--token",
+            "s3cret",
+            "--channel",
+            "news",
+            "extra!",
+        ])
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "Published\n");
+    c.expect_text("extra!").await;
+    let out = Command::new(BIN)
+        .args([
+            "publish",
+            "--url",
+            &admin_url,
+            "--token",
+            "s3cret",
+            "--channel",
+            "news",
+            "--close",
+            "4001",
+            "--reason",
+            "bye",
+        ])
+        .output()
+        .expect("run");
+    assert!(out.status.success());
+    assert_eq!(c.expect_close().await, (4001, "bye".to_owned()));
 }

@@ -63,8 +63,14 @@ async fn backend_requests_carry_protocol_headers_and_replayed_client_headers() {
     assert_eq!(r.header("x-forwarded-for"), Some("10.1.1.1, 127.0.0.1"));
     assert_eq!(r.header("x-forwarded-proto"), Some("http"));
     assert_eq!(r.header("x-forwarded-host"), Some(gw.addr.to_string().as_str()));
-    assert!(r.header("meta-user").is_none() && r.header("meta-admin").is_none(), "client Meta-* never reaches the backend");
-    assert!(r.header("upgrade").is_none() && r.header("connection").is_none(), "hop-by-hop headers are removed");
+    assert!(
+        r.header("meta-user").is_none() && r.header("meta-admin").is_none(),
+        "client Meta-* never reaches the backend"
+    );
+    assert!(
+        r.header("upgrade").is_none() && r.header("connection").is_none(),
+        "hop-by-hop headers are removed"
+    );
     assert!(r.header("grip-sig").is_none(), "a client cannot forge Grip-Sig");
     // GRIP is on by default: the gateway's own extension offer, never the client's.
     assert_eq!(r.header("sec-websocket-extensions"), Some("grip"));
@@ -108,7 +114,11 @@ async fn rejection_body_is_capped() {
     let gw = TestGateway::start(&backend.url()).await;
     let (status, _, body) = http_request(gw.addr, "GET", "/", &upgrade_headers(), b"").await;
     assert_eq!(status, 400);
-    assert_eq!(body.len(), 100_000, "rejection body is capped at 100,000 bytes by default");
+    assert_eq!(
+        body.len(),
+        100_000,
+        "rejection body is capped at 100,000 bytes by default"
+    );
 }
 
 #[tokio::test]
@@ -126,9 +136,17 @@ async fn backend_response_headers_reach_the_101() {
     headers.push(("sec-websocket-protocol", "v1.chat, v2.chat"));
     let (status, h, _) = http_request(gw.addr, "GET", "/", &headers, b"").await;
     assert_eq!(status, 101);
-    assert_eq!(h.get("sec-websocket-protocol").map(|v| v.as_bytes()), Some(&b"v2.chat"[..]));
+    assert_eq!(
+        h.get("sec-websocket-protocol").map(|v| v.as_bytes()),
+        Some(&b"v2.chat"[..])
+    );
     assert_eq!(h.get("x-session").map(|v| v.as_bytes()), Some(&b"s1"[..]));
-    for absent in ["set-meta-user", "keep-alive-interval", "content-type", "sec-websocket-extensions"] {
+    for absent in [
+        "set-meta-user",
+        "keep-alive-interval",
+        "content-type",
+        "sec-websocket-extensions",
+    ] {
         assert!(h.get(absent).is_none(), "{absent} must not reach the client");
     }
     assert_eq!(
@@ -161,7 +179,10 @@ async fn open_response_without_open_event_gives_502() {
 async fn content_type_parameters_are_tolerated() {
     let backend = Backend::start(|r| {
         let mut reply = echo_reply(r);
-        reply.headers = vec![("content-type".into(), "application/websocket-events; charset=utf-8".into())];
+        reply.headers = vec![(
+            "content-type".into(),
+            "application/websocket-events; charset=utf-8".into(),
+        )];
         reply
     })
     .await;
@@ -231,13 +252,12 @@ async fn client_close_reaches_backend_and_backend_answer_reaches_client() {
     .await;
     let gw = TestGateway::start(&backend.url()).await;
     let mut c = gw.connect("/").await;
-    c.ws
-        .close(Some(WsCloseFrame {
-            code: CloseCode::from(4001),
-            reason: "bye".into(),
-        }))
-        .await
-        .expect("close");
+    c.ws.close(Some(WsCloseFrame {
+        code: CloseCode::from(4001),
+        reason: "bye".into(),
+    }))
+    .await
+    .expect("close");
     let (code, reason) = c.expect_close().await;
     assert_eq!((code, reason.as_str()), (4002, "see you"));
     backend
@@ -350,7 +370,11 @@ async fn malformed_backend_body_closes_only_that_client_with_1011() {
         .into_iter()
         .filter(|r| r.connection_id() == poisoned)
         .collect();
-    assert_eq!(after.len(), 2, "nothing further is sent to the backend for a failed connection");
+    assert_eq!(
+        after.len(),
+        2,
+        "nothing further is sent to the backend for a failed connection"
+    );
 }
 
 #[tokio::test]
@@ -411,7 +435,9 @@ async fn keep_alive_requests_are_empty_and_follow_the_interval() {
     let gw = TestGateway::start(&backend.url()).await;
     let _c = gw.connect("/").await;
     let reqs = backend
-        .wait_for("two keep-alive requests", |r| r.iter().filter(|x| x.body.is_empty()).count() >= 2)
+        .wait_for("two keep-alive requests", |r| {
+            r.iter().filter(|x| x.body.is_empty()).count() >= 2
+        })
         .await;
     let ka: Vec<_> = reqs.iter().filter(|x| x.body.is_empty()).collect();
     assert_eq!(ka[0].header("content-type"), Some("application/websocket-events"));
@@ -434,7 +460,10 @@ async fn empty_and_multibyte_and_large_messages_round_trip() {
         c.expect_text(&big).await;
     }
     let empty = backend.wait_event(Event::Text(Bytes::new())).await;
-    assert!(empty.body.starts_with(b"TEXT\r\n"), "an empty message is written TEXT\\r\\n");
+    assert!(
+        empty.body.starts_with(b"TEXT\r\n"),
+        "an empty message is written TEXT\\r\\n"
+    );
 }
 
 #[tokio::test]
@@ -454,7 +483,11 @@ async fn fragmented_client_messages_are_reassembled() {
     s.write_all(req.as_bytes()).await.expect("write");
     let mut buf = vec![0u8; 1024];
     let n = tokio::io::AsyncReadExt::read(&mut s, &mut buf).await.expect("read");
-    assert!(std::str::from_utf8(&buf[..n]).expect("utf8").starts_with("HTTP/1.1 101"));
+    assert!(
+        std::str::from_utf8(&buf[..n])
+            .expect("utf8")
+            .starts_with("HTTP/1.1 101")
+    );
     let mask = [1, 2, 3, 4];
     let frag = |fin: bool, opcode: u8, payload: &[u8]| {
         let mut f = vec![(if fin { 0x80 } else { 0 }) | opcode, 0x80 | payload.len() as u8];
@@ -486,7 +519,11 @@ async fn message_over_the_limit_closes_with_1009_and_backend_gets_close() {
     assert_eq!(c.expect_close().await.0, 1009);
     let r = backend
         .wait_for("CLOSE 1009", |r| {
-            r.iter().any(|x| x.events().iter().any(|e| matches!(e, Event::Close(Some(f)) if f.code == 1009)))
+            r.iter().any(|x| {
+                x.events()
+                    .iter()
+                    .any(|e| matches!(e, Event::Close(Some(f)) if f.code == 1009))
+            })
         })
         .await;
     assert!(!r.is_empty());
@@ -532,7 +569,10 @@ async fn client_pings_are_answered_by_the_gateway() {
         other => panic!("expected pong, got {other:?}"),
     }
     assert!(
-        backend.requests().iter().all(|r| !r.events().iter().any(|e| matches!(e, Event::Ping(_)))),
+        backend
+            .requests()
+            .iter()
+            .all(|r| !r.events().iter().any(|e| matches!(e, Event::Ping(_)))),
         "pings are not relayed by default"
     );
 }
@@ -541,7 +581,10 @@ async fn client_pings_are_answered_by_the_gateway() {
 async fn plain_http_passes_through_to_the_backend() {
     let backend = Backend::start(|r| Reply {
         status: http::StatusCode::CREATED,
-        headers: vec![("x-backend".into(), "yes".into()), ("content-type".into(), "text/plain".into())],
+        headers: vec![
+            ("x-backend".into(), "yes".into()),
+            ("content-type".into(), "text/plain".into()),
+        ],
         body: Bytes::from(format!("{} {} {}", r.method, r.uri, String::from_utf8_lossy(&r.body))),
         delay: None,
     })
@@ -641,7 +684,11 @@ async fn drain_closes_clients_with_1001_and_backend_gets_close() {
     let reqs = backend
         .wait_for("ten CLOSE 1001", |r| {
             r.iter()
-                .filter(|x| x.events().iter().any(|e| matches!(e, Event::Close(Some(f)) if f.code == 1001)))
+                .filter(|x| {
+                    x.events()
+                        .iter()
+                        .any(|e| matches!(e, Event::Close(Some(f)) if f.code == 1001))
+                })
                 .count()
                 == 10
         })
@@ -664,7 +711,9 @@ async fn slow_handshake_is_cut_off_by_the_handshake_timeout() {
     .await;
     let mut s = tokio::net::TcpStream::connect(gw.addr).await.expect("connect");
     // Slowloris: a partial request line and headers, never finished.
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n").await.expect("write");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n")
+        .await
+        .expect("write");
     let started = tokio::time::Instant::now();
     let mut buf = [0u8; 1024];
     let n = tokio::time::timeout(DEADLINE, s.read(&mut buf))
@@ -751,8 +800,9 @@ async fn an_edited_route_applies_to_open_connections() {
     c.expect_text("a").await;
     assert_eq!(backend.wait_event(text("a")).await.header("x-version"), Some("1"));
     let routes = wsgate::config::parse_routes_yaml(&yaml("2")).expect("yaml");
-    gw.table
-        .store(std::sync::Arc::new(wsgate::config::RouteTable::new(routes, 2).expect("table")));
+    gw.table.store(std::sync::Arc::new(
+        wsgate::config::RouteTable::new(routes, 2).expect("table"),
+    ));
     c.send_text("b").await;
     c.expect_text("b").await;
     assert_eq!(backend.wait_event(text("b")).await.header("x-version"), Some("2"));

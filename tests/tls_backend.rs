@@ -15,11 +15,17 @@ use tokio::net::TcpListener;
 use wsgate::protocol::events::{self, Event};
 
 /// A CA and a server certificate for `localhost` signed by it.
-fn certificates() -> (String, rustls::pki_types::CertificateDer<'static>, rustls::pki_types::PrivateKeyDer<'static>) {
+fn certificates() -> (
+    String,
+    rustls::pki_types::CertificateDer<'static>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+) {
     let ca_key = rcgen::KeyPair::generate().expect("ca key");
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("ca params");
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "wsgate test CA");
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "wsgate test CA");
     let ca = ca_params.self_signed(&ca_key).expect("ca cert");
     let issuer = rcgen::Issuer::new(ca_params, ca_key);
     let key = rcgen::KeyPair::generate().expect("key");
@@ -53,15 +59,22 @@ async fn tls_echo_backend(
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(stream).await else { return };
                 let svc = service_fn(|req: Request<Incoming>| async move {
-                    let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                    let body = req
+                        .into_body()
+                        .collect()
+                        .await
+                        .map(|b| b.to_bytes())
+                        .unwrap_or_default();
                     let evs = events::decode_body(body, 1 << 20).unwrap_or_default();
                     let out: Vec<Event> = evs
                         .into_iter()
                         .filter(|e| matches!(e, Event::Open | Event::Text(_)))
                         .collect();
                     let mut r = Response::new(Full::new(events::encode(&out)));
-                    r.headers_mut()
-                        .insert("content-type", http::HeaderValue::from_static("application/websocket-events"));
+                    r.headers_mut().insert(
+                        "content-type",
+                        http::HeaderValue::from_static("application/websocket-events"),
+                    );
                     Ok::<_, Infallible>(r)
                 });
                 let _ = hyper::server::conn::http1::Builder::new()

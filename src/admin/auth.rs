@@ -108,7 +108,9 @@ impl Auth {
                     Err(AuthError::BadToken)
                 }
             }
-            Self::Jwt(key) => sig::verify(credential, key, now_unix).map(|_| ()).map_err(AuthError::from),
+            Self::Jwt(key) => sig::verify(credential, key, now_unix)
+                .map(|_| ())
+                .map_err(AuthError::from),
         }
     }
 
@@ -144,7 +146,10 @@ mod tests {
 
     fn headers(auth: &str) -> HeaderMap {
         let mut h = HeaderMap::new();
-        h.insert(http::header::AUTHORIZATION, HeaderValue::from_str(auth).expect("header value"));
+        h.insert(
+            http::header::AUTHORIZATION,
+            HeaderValue::from_str(auth).expect("header value"),
+        );
         h
     }
 
@@ -154,8 +159,14 @@ mod tests {
     fn flags() {
         assert!(matches!(Auth::from_flags(None, None), Ok(None)));
         assert!(matches!(Auth::from_flags(Some("t".into()), None), Ok(Some(Auth::Bearer(t))) if t == "t"));
-        assert!(matches!(Auth::from_flags(None, Some("k".into())), Ok(Some(Auth::Jwt(_)))));
-        assert!(matches!(Auth::from_flags(None, Some("base64:aGk=".into())), Ok(Some(Auth::Jwt(_)))));
+        assert!(matches!(
+            Auth::from_flags(None, Some("k".into())),
+            Ok(Some(Auth::Jwt(_)))
+        ));
+        assert!(matches!(
+            Auth::from_flags(None, Some("base64:aGk=".into())),
+            Ok(Some(Auth::Jwt(_)))
+        ));
         assert!(Auth::from_flags(Some("t".into()), Some("k".into())).is_err());
         assert!(Auth::from_flags(Some(String::new()), None).is_err());
         assert!(Auth::from_flags(None, Some(String::new())).is_err());
@@ -171,7 +182,10 @@ mod tests {
         assert_eq!(auth.check_at(&headers("bearer  s3cret "), NOW), Ok(()));
         assert_eq!(auth.check_at(&headers("Bearer s3cre"), NOW), Err(AuthError::BadToken));
         assert_eq!(auth.check_at(&headers("Bearer s3cret2"), NOW), Err(AuthError::BadToken));
-        assert_eq!(auth.check_at(&headers("Basic czNjcmV0"), NOW), Err(AuthError::NotBearer));
+        assert_eq!(
+            auth.check_at(&headers("Basic czNjcmV0"), NOW),
+            Err(AuthError::NotBearer)
+        );
         assert_eq!(auth.check_at(&headers("Bearer"), NOW), Err(AuthError::NotBearer));
         assert_eq!(auth.check_at(&headers("Bearer "), NOW), Err(AuthError::NotBearer));
         assert_eq!(auth.check_at(&HeaderMap::new(), NOW), Err(AuthError::Missing));
@@ -201,7 +215,11 @@ mod tests {
 
     #[test]
     fn debug_redacts() {
-        let s = format!("{:?} {:?}", Auth::Bearer("s3cret".into()), Auth::Jwt(SigningKey::new(b"k".to_vec())));
+        let s = format!(
+            "{:?} {:?}",
+            Auth::Bearer("s3cret".into()),
+            Auth::Jwt(SigningKey::new(b"k".to_vec()))
+        );
         assert!(!s.contains("s3cret"), "{s}");
     }
 

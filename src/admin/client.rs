@@ -85,7 +85,9 @@ fn publish_uri(url: &str) -> Result<Uri, String> {
     let uri: Uri = full.parse().map_err(|e| format!("invalid URL {url:?}: {e}"))?;
     match uri.scheme_str() {
         Some("http" | "https") if uri.host().is_some() => Ok(uri),
-        _ => Err(format!("invalid URL {url:?}: expected http://host:port or https://host:port")),
+        _ => Err(format!(
+            "invalid URL {url:?}: expected http://host:port or https://host:port"
+        )),
     }
 }
 

@@ -62,8 +62,8 @@ pub async fn handle(st: &AdminState, req: Request<Incoming>) -> Response<Respons
         (Target::Connection(_), _) => return method_not_allowed("GET, DELETE"),
         (Target::Messages(_), _) => return method_not_allowed("POST"),
     }
-    if let Err(resp) = authenticate(st, req.headers()) {
-        return resp;
+    if let Err(refusal) = authenticate(st, req.headers()) {
+        return refusal.into_response();
     }
     match target {
         Target::Connection(id) if method == Method::GET => get(st, id).await,
@@ -82,7 +82,11 @@ async fn get(st: &AdminState, id: &str) -> Response<ResponseBody> {
 /// The JSON the connection API returns for one connection.
 pub fn view_json(view: &ConnectionView) -> Value {
     let strings = |m: &std::collections::BTreeMap<String, String>| {
-        Value::Object(m.iter().map(|(k, v)| (k.clone(), Value::from(v.as_str()))).collect::<Map<_, _>>())
+        Value::Object(
+            m.iter()
+                .map(|(k, v)| (k.clone(), Value::from(v.as_str())))
+                .collect::<Map<_, _>>(),
+        )
     };
     json!({
         "id": view.id,
@@ -97,7 +101,7 @@ pub fn view_json(view: &ConnectionView) -> Value {
 async fn send(st: &AdminState, id: &str, req: Request<Incoming>) -> Response<ResponseBody> {
     let body = match read_body(req, st.max_publish_body).await {
         Ok(b) => b,
-        Err(resp) => return resp,
+        Err(refusal) => return refusal.into_response(),
     };
     let value: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
@@ -117,7 +121,7 @@ async fn send(st: &AdminState, id: &str, req: Request<Incoming>) -> Response<Res
 async fn close(st: &AdminState, id: &str, req: Request<Incoming>) -> Response<ResponseBody> {
     let body = match read_body(req, st.max_publish_body).await {
         Ok(b) => b,
-        Err(resp) => return resp,
+        Err(refusal) => return refusal.into_response(),
     };
     let (code, reason) = match parse_close_body(&body) {
         Ok(x) => x,

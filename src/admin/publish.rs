@@ -19,6 +19,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 
 use super::AdminState;
+use super::auth::AuthError;
 use crate::protocol::publish::parse_publish;
 use crate::server::{ResponseBody, text_response};
 
@@ -37,13 +38,13 @@ pub async fn handle(st: &AdminState, req: Request<Incoming>) -> Response<Respons
     if req.method() != Method::POST {
         return method_not_allowed("POST");
     }
-    if let Err(resp) = authenticate(st, req.headers()) {
-        return resp;
+    if let Err(refusal) = authenticate(st, req.headers()) {
+        return refusal.into_response();
     }
     let wants_json = accepts_json(req.headers());
     let body = match read_body(req, st.max_publish_body).await {
         Ok(body) => body,
-        Err(resp) => return resp,
+        Err(refusal) => return refusal.into_response(),
     };
     let publish = match parse_publish(&body) {
         Ok(p) => p,
@@ -72,33 +73,60 @@ fn accepts_json(headers: &HeaderMap) -> bool {
     })
 }
 
-/// Checks the configured authentication; the `Err` is the `401` to send.
-pub(crate) fn authenticate(st: &AdminState, headers: &HeaderMap) -> Result<(), Response<ResponseBody>> {
+/// Why an admin API request was refused before its body was looked at.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Refusal {
+    /// `401`: authentication is configured and the request did not pass it.
+    #[error("unauthorized: {0}")]
+    Unauthorized(#[from] AuthError),
+    /// `413`: the body is over the limit.
+    #[error("body is over {0} bytes")]
+    TooLarge(usize),
+    /// `400`: the body could not be read.
+    #[error("could not read the body: {0}")]
+    Unreadable(String),
+}
+
+impl Refusal {
+    /// The response for this refusal: its `Display` and a newline as a text body.
+    pub(crate) fn into_response(self) -> Response<ResponseBody> {
+        let status = match self {
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Unreadable(_) => StatusCode::BAD_REQUEST,
+        };
+        let mut resp = text_response(status, format!("{self}\n"));
+        if status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        resp
+    }
+}
+
+/// Checks the configured authentication.
+pub(crate) fn authenticate(st: &AdminState, headers: &HeaderMap) -> Result<(), Refusal> {
     let Some(auth) = &st.auth else {
         return Ok(());
     };
     auth.check(headers).map_err(|e| {
         tracing::debug!(cause = %e, "admin request not authenticated");
-        let mut resp = text_response(StatusCode::UNAUTHORIZED, format!("unauthorized: {e}\n"));
-        resp.headers_mut()
-            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        resp
+        Refusal::Unauthorized(e)
     })
 }
 
-/// Reads a request body of at most `limit` bytes; the `Err` is the `413` or `400` to send.
-/// Never holds more than `limit` bytes: a declared `Content-Length` over the limit is refused
-/// before reading, and a streamed body is cut at the limit.
-pub(crate) async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, Response<ResponseBody>> {
+/// Reads a request body of at most `limit` bytes. Never holds more than `limit` bytes: a
+/// declared `Content-Length` over the limit is refused before reading, and a streamed body is
+/// cut at the limit.
+pub(crate) async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, Refusal> {
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
-    let too_large = || text_response(StatusCode::PAYLOAD_TOO_LARGE, format!("body is over {limit} bytes\n"));
     if declared.is_some_and(|n| n > limit as u64) {
         discard(req.into_body()).await;
-        return Err(too_large());
+        return Err(Refusal::TooLarge(limit));
     }
     let mut incoming = req.into_body();
     let mut body = Limited::new(&mut incoming, limit);
@@ -113,14 +141,9 @@ pub(crate) async fn read_body(req: Request<Incoming>, limit: usize) -> Result<By
             Err(e) if e.is::<LengthLimitError>() => {
                 drop(buf);
                 discard(incoming).await;
-                return Err(too_large());
+                return Err(Refusal::TooLarge(limit));
             }
-            Err(e) => {
-                return Err(text_response(
-                    StatusCode::BAD_REQUEST,
-                    format!("could not read the body: {e}\n"),
-                ));
-            }
+            Err(e) => return Err(Refusal::Unreadable(e.to_string())),
         }
     }
     Ok(buf.freeze())
@@ -130,16 +153,14 @@ pub(crate) async fn read_body(req: Request<Incoming>, limit: usize) -> Result<By
 /// [`DISCARD_TIMEOUT`], so the refusal reaches a client that is still sending.
 async fn discard(body: Incoming) {
     let mut body = Limited::new(body, MAX_DISCARD_BYTES);
-    let _ = tokio::time::timeout(DISCARD_TIMEOUT, async {
-        while let Some(Ok(_)) = body.frame().await {}
-    })
-    .await;
+    let _ = tokio::time::timeout(DISCARD_TIMEOUT, async { while let Some(Ok(_)) = body.frame().await {} }).await;
 }
 
 /// `405` with `Allow: allow`.
 pub(crate) fn method_not_allowed(allow: &'static str) -> Response<ResponseBody> {
     let mut resp = text_response(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
-    resp.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+    resp.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
     resp
 }
 

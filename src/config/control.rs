@@ -459,7 +459,11 @@ enum Poll {
 
 type HttpClient = Client<HttpConnector, Empty<Bytes>>;
 
-async fn poll_once(client: &HttpClient, config: &ControlClientConfig, version: Option<u64>) -> Result<Poll, ControlError> {
+async fn poll_once(
+    client: &HttpClient,
+    config: &ControlClientConfig,
+    version: Option<u64>,
+) -> Result<Poll, ControlError> {
     let uri = config.request_uri(version)?;
     let mut request = Request::get(uri);
     if let Some(path) = &config.token_file {
@@ -556,7 +560,11 @@ pub async fn run_control_client(
                         table.store(Arc::new(new_table));
                         version = Some(snapshot.version);
                         status.record_ok(Some(snapshot.version), &skipped);
-                        tracing::info!(version = snapshot.version, routes, "route table updated from the controller");
+                        tracing::info!(
+                            version = snapshot.version,
+                            routes,
+                            "route table updated from the controller"
+                        );
                     }
                     Err(error) => {
                         // Keep serving the last good table; wait for the next version rather
@@ -617,7 +625,11 @@ mod tests {
             "backend: {port: 8080}\ngrip: {signingKey: {secretRef: {name: grip, key: key}}}",
         );
         r.secrets.push(SecretMaterial::new("grip", "key", b"s3cret"));
-        let other = route("other", "chat", "backend: {port: 1}\nmatch: {hostnames: [x.example.com]}");
+        let other = route(
+            "other",
+            "chat",
+            "backend: {port: 1}\nmatch: {hostnames: [x.example.com]}",
+        );
         let missing = route(
             "ns",
             "broken",
@@ -642,7 +654,10 @@ mod tests {
         let a = route("a", "r", "backend: {port: 1}");
         let b = route("b", "r", "backend: {port: 2}");
         let err = Snapshot::new(vec![a, b]).compile().unwrap_err();
-        assert!(matches!(err, ControlError::Table(ref m) if m.contains("already matched")), "{err}");
+        assert!(
+            matches!(err, ControlError::Table(ref m) if m.contains("already matched")),
+            "{err}"
+        );
     }
 
     #[test]

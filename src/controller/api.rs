@@ -238,7 +238,9 @@ pub struct ControlApi {
 
 impl std::fmt::Debug for ControlApi {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ControlApi").field("config", &self.config).finish_non_exhaustive()
+        f.debug_struct("ControlApi")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
 }
 
@@ -284,7 +286,9 @@ pub async fn serve(listener: TcpListener, api: Arc<ControlApi>, cancel: Cancella
                 async move { Ok::<_, Infallible>(handle(&api, req).await) }
             });
             let mut builder = hyper::server::conn::http1::Builder::new();
-            builder.timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(10));
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10));
             let conn = builder.serve_connection(TokioIo::new(stream), svc);
             tokio::pin!(conn);
             tokio::select! {
@@ -336,7 +340,9 @@ async fn handle(api: &ControlApi, req: Request<Incoming>) -> Response<Full<Bytes
                 respond(error.status(), "text/plain", format!("{error}\n"))
             }
         },
-        (_, SNAPSHOT_PATH | "/healthz" | "/readyz") => respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n"),
+        (_, SNAPSHOT_PATH | "/healthz" | "/readyz") => {
+            respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n")
+        }
         _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
     }
 }
@@ -376,7 +382,11 @@ fn parse_query(query: Option<&str>) -> Result<SnapshotQuery, ApiError> {
     let pod = pod
         .filter(valid)
         .ok_or_else(|| ApiError::BadRequest("pod is required".into()))?;
-    Ok(SnapshotQuery { namespace, pod, version })
+    Ok(SnapshotQuery {
+        namespace,
+        pod,
+        version,
+    })
 }
 
 fn percent_decode(s: &str) -> Option<String> {
@@ -449,7 +459,9 @@ async fn review(client: &kube::Client, token: &str, audience: &str) -> Result<Ca
     }
     let user = status.user.unwrap_or_default();
     let username = user.username.unwrap_or_default();
-    let mut parts = username.strip_prefix("system:serviceaccount:").map(|rest| rest.splitn(2, ':'));
+    let mut parts = username
+        .strip_prefix("system:serviceaccount:")
+        .map(|rest| rest.splitn(2, ':'));
     let (namespace, service_account) = match parts.as_mut().map(|p| (p.next(), p.next())) {
         Some((Some(ns), Some(sa))) if !ns.is_empty() && !sa.is_empty() => (ns.to_owned(), sa.to_owned()),
         _ => {
@@ -469,7 +481,11 @@ async fn review(client: &kube::Client, token: &str, audience: &str) -> Result<Ca
 }
 
 /// Authenticates, authorizes and reads the pod's labels.
-async fn identify(api: &ControlApi, req: &Request<Incoming>, query: &SnapshotQuery) -> Result<BTreeMap<String, String>, ApiError> {
+async fn identify(
+    api: &ControlApi,
+    req: &Request<Incoming>,
+    query: &SnapshotQuery,
+) -> Result<BTreeMap<String, String>, ApiError> {
     let caller = match &api.config.auth {
         AuthMode::InsecureSkipAuth => None,
         AuthMode::TokenReview { audience } => {
@@ -581,11 +597,23 @@ mod tests {
                 version: Some(42)
             })
         );
-        assert_eq!(parse_query(Some("namespace=ns&pod=a%2Db")).map(|q| q.pod), Ok("a-b".into()));
+        assert_eq!(
+            parse_query(Some("namespace=ns&pod=a%2Db")).map(|q| q.pod),
+            Ok("a-b".into())
+        );
         assert!(matches!(parse_query(Some("pod=x")), Err(ApiError::BadRequest(_))));
-        assert!(matches!(parse_query(Some("namespace=a&pod=b&version=x")), Err(ApiError::BadRequest(_))));
-        assert!(matches!(parse_query(Some("namespace=a&pod=b%2Fc")), Err(ApiError::BadRequest(_))));
-        assert!(matches!(parse_query(Some("namespace=a&pod=%zz")), Err(ApiError::BadRequest(_))));
+        assert!(matches!(
+            parse_query(Some("namespace=a&pod=b&version=x")),
+            Err(ApiError::BadRequest(_))
+        ));
+        assert!(matches!(
+            parse_query(Some("namespace=a&pod=b%2Fc")),
+            Err(ApiError::BadRequest(_))
+        ));
+        assert!(matches!(
+            parse_query(Some("namespace=a&pod=%zz")),
+            Err(ApiError::BadRequest(_))
+        ));
         assert!(matches!(parse_query(None), Err(ApiError::BadRequest(_))));
     }
 
@@ -593,7 +621,13 @@ mod tests {
     async fn the_tracker_counts_gateways_and_reports_changes() {
         let (one_tx, mut one_rx) = mpsc::channel(8);
         let (all_tx, _all_rx) = mpsc::channel(1);
-        let tracker = GatewayTracker::new(Triggers { one: one_tx, all: all_tx }, Duration::ZERO);
+        let tracker = GatewayTracker::new(
+            Triggers {
+                one: one_tx,
+                all: all_tx,
+            },
+            Duration::ZERO,
+        );
         let id = ("ns".to_owned(), "gw".to_owned());
         let key = RouteKey::new("ns", "chat");
         tracker.begin(&id);

@@ -212,14 +212,27 @@ mod tests {
             problems.push(format!("{path}: schema is not an object"));
             return;
         };
-        for forbidden in ["$ref", "allOf", "anyOf", "oneOf", "not", "x-kubernetes-validations", "definitions"] {
+        for forbidden in [
+            "$ref",
+            "allOf",
+            "anyOf",
+            "oneOf",
+            "not",
+            "x-kubernetes-validations",
+            "definitions",
+        ] {
             if map.contains_key(forbidden) {
                 problems.push(format!("{path}: {forbidden} is not allowed"));
             }
         }
         let ty = map.get("type").and_then(Json::as_str);
         let int_or_string = map.get("x-kubernetes-int-or-string") == Some(&Json::Bool(true));
-        if !int_or_string && !matches!(ty, Some("object" | "array" | "string" | "integer" | "number" | "boolean")) {
+        if !int_or_string
+            && !matches!(
+                ty,
+                Some("object" | "array" | "string" | "integer" | "number" | "boolean")
+            )
+        {
             problems.push(format!("{path}: needs one concrete type, got {:?}", map.get("type")));
         }
         if map.contains_key("properties") && map.contains_key("additionalProperties") {

@@ -7,8 +7,9 @@
 //! # Rules
 //!
 //! - A spec is valid when [`Route::compile`] accepts it (with a resolver that records the
-//!   Secret references instead of reading them) and it uses no gateway-local key source
-//!   (`signingKey.env`/`file`: a cluster-wide object must not depend on one pod's environment).
+//!   Secret references instead of reading them) and it uses no gateway-local source
+//!   (`signingKey.env`/`file`, `backend.caFile`: a cluster-wide object must not depend on one
+//!   pod's environment or files).
 //! - Scope: a route with a `workloadSelector` applies to the sidecar gateways *in its own
 //!   namespace* whose pod labels include every selector label; a route without one applies to
 //!   every ingress gateway (pods labelled `wsgate.io/gateway=ingress`) in any namespace.
@@ -148,8 +149,10 @@ pub enum Verdict {
     Conflicted {
         /// The route that wins.
         winner: RouteKey,
-        /// The claim both make, as text (`host "a.example.com", path prefix "/ws"`).
+        /// The claim both make, as text (`host "a.example.com" with path prefix "/ws"`).
         claim: String,
+        /// The (valid) spec's details.
+        validated: Arc<Validated>,
     },
     /// Valid and not in conflict.
     Accepted(Arc<Validated>),
@@ -241,7 +244,14 @@ impl Validator {
                 })
             });
             if let Some((winner, claim)) = conflict {
-                verdicts.insert(route.key.clone(), Verdict::Conflicted { winner, claim });
+                verdicts.insert(
+                    route.key.clone(),
+                    Verdict::Conflicted {
+                        winner,
+                        claim,
+                        validated,
+                    },
+                );
                 continue;
             }
             for claim in &validated.claims {
@@ -312,6 +322,12 @@ pub fn validate(key: &RouteKey, spec: &RouteSpec) -> Result<Validated, Vec<Field
             ));
         }
     }
+    if spec.backend.ca_file.is_some() {
+        errors.push(FieldError::new(
+            "backend.caFile",
+            "not supported in a WebSocketRoute (it would depend on each gateway's files)",
+        ));
+    }
     for (label, value) in &spec.workload_selector {
         if label.is_empty() || label.len() > 317 || value.len() > 63 {
             errors.push(FieldError::new(
@@ -320,7 +336,9 @@ pub fn validate(key: &RouteKey, spec: &RouteSpec) -> Result<Validated, Vec<Field
             ));
         }
     }
-    let resolver = RecordingResolver { seen: Mutex::new(Vec::new()) };
+    let resolver = RecordingResolver {
+        seen: Mutex::new(Vec::new()),
+    };
     let ctx = CompileContext {
         namespace: &key.namespace,
         env: &no_env,
@@ -438,19 +456,20 @@ pub fn check_refs(validated: &Validated, lookup: &dyn RefLookup) -> Result<(), R
     Ok(())
 }
 
-/// The spec with `signingKey.env`/`file` replaced by a placeholder `value`: those sources are
-/// reported as errors by [`validate`], and compiling must never read the controller's own
-/// environment or files.
+/// The spec with `signingKey.env`/`file` replaced by a placeholder `value` and without
+/// `backend.caFile`: those are reported as errors by [`validate`], and compiling must never read
+/// the controller's own environment or files.
 fn without_local_key_sources(spec: &RouteSpec) -> std::borrow::Cow<'_, RouteSpec> {
     let local = spec
         .grip
         .signing_key
         .as_ref()
         .is_some_and(|k| k.env.is_some() || k.file.is_some());
-    if !local {
+    if !local && spec.backend.ca_file.is_none() {
         return std::borrow::Cow::Borrowed(spec);
     }
     let mut spec = spec.clone();
+    spec.backend.ca_file = None;
     if let Some(signing) = &mut spec.grip.signing_key {
         signing.env = None;
         signing.file = None;
@@ -518,7 +537,7 @@ mod tests {
         let verdicts = Validator::new().evaluate(&routes);
         assert!(matches!(verdicts[&RouteKey::new("other", "a")], Verdict::Accepted(_)));
         match &verdicts[&RouteKey::new("ns", "b")] {
-            Verdict::Conflicted { winner, claim } => {
+            Verdict::Conflicted { winner, claim, .. } => {
                 assert_eq!(winner, &RouteKey::new("other", "a"));
                 assert_eq!(claim, "host \"h1.example.com\" with path prefix \"/ws\"");
             }
@@ -556,6 +575,7 @@ mod tests {
     fn invalid_specs_list_their_fields_and_never_conflict() {
         let mut bad = spec(&["h.example.com"], &["/"]);
         bad.backend.port = Some(8080);
+        bad.backend.ca_file = Some("/etc/hostname".into());
         bad.grip.signing_key = Some(SigningKeySpec {
             env: Some("KEY".into()),
             ..SigningKeySpec::default()
@@ -570,9 +590,20 @@ mod tests {
             panic!("{verdicts:?}")
         };
         let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
-        assert!(text.iter().any(|e| e.starts_with("spec.grip.signingKey.env: not supported")), "{text:?}");
+        assert!(
+            text.iter()
+                .any(|e| e.starts_with("spec.grip.signingKey.env: not supported")),
+            "{text:?}"
+        );
         assert!(
             text.contains(&"spec.backend: exactly one of url, service or port may be set".to_owned()),
+            "{text:?}"
+        );
+        assert!(
+            text.contains(
+                &"spec.backend.caFile: not supported in a WebSocketRoute (it would depend on each gateway's files)"
+                    .to_owned()
+            ),
             "{text:?}"
         );
         assert!(matches!(verdicts[&RouteKey::new("ns", "good")], Verdict::Accepted(_)));

@@ -70,7 +70,10 @@ impl Compiled {
                 },
             });
         }
-        Self { ready: true, routes: served }
+        Self {
+            ready: true,
+            routes: served,
+        }
     }
 
     /// The snapshot of a gateway pod in `namespace` with `labels`.
@@ -192,9 +195,24 @@ mod tests {
                 1,
                 "backend: {service: {name: chat, port: 80}}\nworkloadSelector: {app: chat}\ngrip: {signingKey: {secretRef: {name: grip, key: key}}}",
             ),
-            route("apps", "feed", 2, "backend: {port: 8080}\nworkloadSelector: {app: feed}"),
-            route("apps", "nokey", 3, "backend: {port: 8081}\nworkloadSelector: {app: chat}\nmatch: {pathPrefixes: [/x]}\ngrip: {signingKey: {secretRef: {name: gone, key: key}}}"),
-            route("edge", "public", 4, "backend: {url: 'http://chat.apps.svc:80'}\nmatch: {hostnames: [chat.example.com]}"),
+            route(
+                "apps",
+                "feed",
+                2,
+                "backend: {port: 8080}\nworkloadSelector: {app: feed}",
+            ),
+            route(
+                "apps",
+                "nokey",
+                3,
+                "backend: {port: 8081}\nworkloadSelector: {app: chat}\nmatch: {pathPrefixes: [/x]}\ngrip: {signingKey: {secretRef: {name: gone, key: key}}}",
+            ),
+            route(
+                "edge",
+                "public",
+                4,
+                "backend: {url: 'http://chat.apps.svc:80'}\nmatch: {hostnames: [chat.example.com]}",
+            ),
             route("apps", "late", 5, "backend: {port: 1}\nworkloadSelector: {tier: web}"),
         ];
         let compiled = Compiled::build(&routes, &Validator::new(), &Refs);

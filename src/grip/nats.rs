@@ -571,6 +571,8 @@ impl NatsBridge {
                         async_nats::Event::SlowConsumer(sid) => {
                             tracing::warn!(sid, "nats subscription too slow; messages dropped");
                         }
+                        // Each failed reconnect attempt reports one; the disconnect was logged.
+                        async_nats::Event::ClientError(e) => tracing::debug!(cause = %e, "nats client error"),
                         other => tracing::warn!(event = %other, "nats client event"),
                     }
                 }

@@ -246,9 +246,7 @@ fn parse_line(buf: &[u8], max_content: usize) -> Result<Option<Line>, DecodeErro
     let Some(end) = window.iter().position(|&b| b == b'\r' || b == b'\n') else {
         check_line_bytes(window)?;
         if buf.len() > MAX_LINE_LEN {
-            return Err(DecodeError::LineTooLong {
-                limit: MAX_LINE_LEN,
-            });
+            return Err(DecodeError::LineTooLong { limit: MAX_LINE_LEN });
         }
         return Ok(None);
     };
@@ -381,10 +379,7 @@ impl Decoder {
                             None => continue,
                         },
                         Some(size) => {
-                            self.state = State::Content {
-                                kind: line.kind,
-                                size,
-                            };
+                            self.state = State::Content { kind: line.kind, size };
                             (line.kind, size)
                         }
                     }
@@ -506,10 +501,7 @@ mod tests {
             b"OPEN\r\nTEXT 5\r\nhello\r\nBINARY 1a\r\n\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\r\n\
               PING\r\nPONG 1\r\nx\r\nTEXT\r\nCLOSE 5\r\n\x03\xe8bye\r\nCLOSE\r\nDISCONNECT\r\n"
         );
-        assert_eq!(
-            body.len(),
-            events.iter().map(Event::encoded_len).sum::<usize>()
-        );
+        assert_eq!(body.len(), events.iter().map(Event::encoded_len).sum::<usize>());
         assert_eq!(close(1000, "bye").content_len(), 5);
         assert_eq!(Event::Close(None).content_len(), 0);
         let names: Vec<_> = events.iter().map(Event::name).collect();
@@ -542,10 +534,7 @@ mod tests {
             let event = Event::Binary(Bytes::from(vec![b'z'; n]));
             let mut out = BytesMut::new();
             event.encode_into(&mut out);
-            assert!(
-                out.starts_with(format!("BINARY {hex}\r\n").as_bytes()),
-                "{n}"
-            );
+            assert!(out.starts_with(format!("BINARY {hex}\r\n").as_bytes()), "{n}");
             assert_eq!(out.len(), event.encoded_len());
         }
         assert_eq!(hex_digits(0), 1);
@@ -555,7 +544,9 @@ mod tests {
     #[test]
     fn decodes_both_size_forms_and_cases() {
         assert_eq!(
-            decode_both(b"TEXT A\r\n0123456789\r\nTEXT a\r\n0123456789\r\nTEXT 0\r\n\r\nTEXT\r\nTEXT 0005\r\nhello\r\n"),
+            decode_both(
+                b"TEXT A\r\n0123456789\r\nTEXT a\r\n0123456789\r\nTEXT 0\r\n\r\nTEXT\r\nTEXT 0005\r\nhello\r\n"
+            ),
             Ok(vec![
                 Event::Text(Bytes::from_static(b"0123456789")),
                 Event::Text(Bytes::from_static(b"0123456789")),
@@ -590,14 +581,8 @@ mod tests {
     #[test]
     fn close_content() {
         assert_eq!(decode_both(b"CLOSE\r\n"), Ok(vec![Event::Close(None)]));
-        assert_eq!(
-            decode_both(b"CLOSE 0\r\n\r\n"),
-            Ok(vec![Event::Close(None)])
-        );
-        assert_eq!(
-            decode_both(b"CLOSE 2\r\n\x0f\xa0\r\n"),
-            Ok(vec![close(4000, "")])
-        );
+        assert_eq!(decode_both(b"CLOSE 0\r\n\r\n"), Ok(vec![Event::Close(None)]));
+        assert_eq!(decode_both(b"CLOSE 2\r\n\x0f\xa0\r\n"), Ok(vec![close(4000, "")]));
         assert_eq!(
             decode_both(&[&b"CLOSE 7\r\n\x03\xe9"[..], "héllo\r\n".as_bytes()].concat()),
             Err(DecodeError::MissingCrlf { after: "content" }),
@@ -607,10 +592,7 @@ mod tests {
             decode_both("CLOSE 8\r\n\x03\x01héllo\r\n".as_bytes()),
             Ok(vec![close(769, "héllo")])
         );
-        assert_eq!(
-            decode_both(b"CLOSE 1\r\n\x03\r\n"),
-            Err(DecodeError::CloseTooShort)
-        );
+        assert_eq!(decode_both(b"CLOSE 1\r\n\x03\r\n"), Err(DecodeError::CloseTooShort));
         assert_eq!(
             decode_both(b"CLOSE 3\r\n\x03\xe8\xff\r\n"),
             Err(DecodeError::CloseReasonNotUtf8)
@@ -629,10 +611,7 @@ mod tests {
     fn unknown_events_are_skipped() {
         assert_eq!(
             decode_both(b"FUTURE 3\r\nabc\r\nTEXT 1\r\na\r\nOTHER\r\ntext 1\r\nb\r\nPING\r\n"),
-            Ok(vec![
-                Event::Text(Bytes::from_static(b"a")),
-                Event::Ping(Bytes::new()),
-            ])
+            Ok(vec![Event::Text(Bytes::from_static(b"a")), Event::Ping(Bytes::new()),])
         );
         // A body of only unknown events.
         let mut dec = Decoder::new(LIMIT);
@@ -657,10 +636,7 @@ mod tests {
     #[test]
     fn line_errors() {
         let cases: &[(&[u8], DecodeError)] = &[
-            (
-                b"TEXT 5\nhello\r\n",
-                DecodeError::MissingCrlf { after: "line" },
-            ),
+            (b"TEXT 5\nhello\r\n", DecodeError::MissingCrlf { after: "line" }),
             (b"TEXT\n", DecodeError::MissingCrlf { after: "line" }),
             (b"TEXT\rX", DecodeError::MissingCrlf { after: "line" }),
             (b"\r\n", DecodeError::EmptyName),
@@ -749,13 +725,8 @@ mod tests {
         let name = "N".repeat(MAX_LINE_LEN);
         assert_eq!(decode_both(format!("{name}\r\n").as_bytes()), Ok(vec![]));
         let long = "N".repeat(MAX_LINE_LEN + 1);
-        let want = DecodeError::LineTooLong {
-            limit: MAX_LINE_LEN,
-        };
-        assert_eq!(
-            decode_both(format!("{long}\r\n").as_bytes()),
-            Err(want.clone())
-        );
+        let want = DecodeError::LineTooLong { limit: MAX_LINE_LEN };
+        assert_eq!(decode_both(format!("{long}\r\n").as_bytes()), Err(want.clone()));
         // Without any CRLF: an error once the limit is passed, not an endless wait.
         let mut buf = BytesMut::from(long.as_bytes());
         assert_eq!(Decoder::new(LIMIT).decode(&mut buf), Err(want));
@@ -783,16 +754,10 @@ mod tests {
         // A wrong byte after the content errors without waiting for a second byte.
         let mut dec = Decoder::new(LIMIT);
         let mut buf = BytesMut::from(&b"TEXT 2\r\nabX"[..]);
-        assert_eq!(
-            dec.decode(&mut buf),
-            Err(DecodeError::MissingCrlf { after: "content" })
-        );
+        assert_eq!(dec.decode(&mut buf), Err(DecodeError::MissingCrlf { after: "content" }));
         let mut dec = Decoder::new(LIMIT);
         let mut buf = BytesMut::from(&b"TEXT 2\r\nab\rX"[..]);
-        assert_eq!(
-            dec.decode(&mut buf),
-            Err(DecodeError::MissingCrlf { after: "content" })
-        );
+        assert_eq!(dec.decode(&mut buf), Err(DecodeError::MissingCrlf { after: "content" }));
     }
 
     #[test]
@@ -807,11 +772,7 @@ mod tests {
             b"TEXT 5\r\nhello\r",
             b"OPEN\r\nPING",
         ] {
-            assert_eq!(
-                decode_stream(input),
-                Err(DecodeError::Truncated),
-                "{input:?}"
-            );
+            assert_eq!(decode_stream(input), Err(DecodeError::Truncated), "{input:?}");
             assert_eq!(
                 decode_body(Bytes::copy_from_slice(input), LIMIT),
                 Err(DecodeError::Truncated),
@@ -842,20 +803,14 @@ mod tests {
         let body = Bytes::from_static(b"TEXT 1\r\na\r\nCLOSE\r\nTEXT 1\r\nb\r\ngarbage \xff");
         assert_eq!(
             decode_body(body, LIMIT),
-            Ok(vec![
-                Event::Text(Bytes::from_static(b"a")),
-                Event::Close(None)
-            ])
+            Ok(vec![Event::Text(Bytes::from_static(b"a")), Event::Close(None)])
         );
         let body = Bytes::from_static(b"DISCONNECT\r\nTEXT 9\r\n");
         assert_eq!(decode_body(body, LIMIT), Ok(vec![Event::Disconnect]));
         // The incremental decoder is not a body: it keeps going.
         assert_eq!(
             decode_stream(b"CLOSE\r\nTEXT 1\r\nb\r\n"),
-            Ok(vec![
-                Event::Close(None),
-                Event::Text(Bytes::from_static(b"b"))
-            ])
+            Ok(vec![Event::Close(None), Event::Text(Bytes::from_static(b"b"))])
         );
     }
 
@@ -885,8 +840,7 @@ mod tests {
             bytes.clone().prop_map(Event::Ping),
             bytes.prop_map(Event::Pong),
             Just(Event::Close(None)),
-            (any::<u16>(), ".{0,40}")
-                .prop_map(|(code, reason)| Event::Close(Some(CloseFrame { code, reason }))),
+            (any::<u16>(), ".{0,40}").prop_map(|(code, reason)| Event::Close(Some(CloseFrame { code, reason }))),
             Just(Event::Disconnect),
         ]
     }

@@ -251,9 +251,7 @@ impl FrameDecoder {
             }
             if usize::from(len7) > MAX_CONTROL_PAYLOAD {
                 // 126/127 announce an extended length, which a control frame may never need.
-                return Err(ProtocolError::ControlTooLong {
-                    len: u64::from(len7),
-                });
+                return Err(ProtocolError::ControlTooLong { len: u64::from(len7) });
             }
         } else {
             match (opcode, &self.partial) {
@@ -312,11 +310,7 @@ impl FrameDecoder {
     }
 
     /// Handles one complete, unmasked frame: returns a message when one is complete.
-    fn handle_frame(
-        &mut self,
-        header: &Header,
-        payload: BytesMut,
-    ) -> Result<Option<Message>, ProtocolError> {
+    fn handle_frame(&mut self, header: &Header, payload: BytesMut) -> Result<Option<Message>, ProtocolError> {
         match header.opcode {
             OP_PING => Ok(Some(Message::Ping(payload.freeze()))),
             OP_PONG => Ok(Some(Message::Pong(payload.freeze()))),
@@ -568,10 +562,7 @@ mod tests {
         out
     }
 
-    fn decode_all(
-        dec: &mut FrameDecoder,
-        buf: &mut BytesMut,
-    ) -> Result<Vec<Message>, ProtocolError> {
+    fn decode_all(dec: &mut FrameDecoder, buf: &mut BytesMut) -> Result<Vec<Message>, ProtocolError> {
         let mut out = Vec::new();
         while let Some(m) = dec.decode(buf)? {
             out.push(m);
@@ -598,17 +589,12 @@ mod tests {
     #[test]
     fn rfc_masked_hello() {
         // RFC 6455 section 5.7: a single-frame masked text message.
-        let bytes = [
-            0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58,
-        ];
+        let bytes = [0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58];
         let mut buf = BytesMut::from(&bytes[..]);
         let msg = FrameDecoder::new(LIMIT).decode(&mut buf);
         assert_eq!(msg, Ok(Some(Message::Text(Bytes::from_static(b"Hello")))));
         assert!(buf.is_empty());
-        assert_eq!(
-            masked(&Message::Text(Bytes::from_static(b"Hello")))[..],
-            bytes
-        );
+        assert_eq!(masked(&Message::Text(Bytes::from_static(b"Hello")))[..], bytes);
     }
 
     #[test]
@@ -646,10 +632,7 @@ mod tests {
 
     #[test]
     fn accept_key_rfc_example() {
-        assert_eq!(
-            accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="),
-            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
-        );
+        assert_eq!(accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
     }
 
     #[test]
@@ -698,41 +681,13 @@ mod tests {
                 ProtocolError::Unmasked,
                 1002,
             ),
-            (
-                raw(FIN_BIT | 0x40 | OP_TEXT, b"x"),
-                ProtocolError::ReservedBits,
-                1002,
-            ),
-            (
-                raw(FIN_BIT | 0x20 | OP_TEXT, b"x"),
-                ProtocolError::ReservedBits,
-                1002,
-            ),
-            (
-                raw(FIN_BIT | 0x10 | OP_TEXT, b"x"),
-                ProtocolError::ReservedBits,
-                1002,
-            ),
-            (
-                raw(FIN_BIT | 0x3, b""),
-                ProtocolError::UnknownOpcode(3),
-                1002,
-            ),
-            (
-                raw(FIN_BIT | 0x7, b""),
-                ProtocolError::UnknownOpcode(7),
-                1002,
-            ),
-            (
-                raw(FIN_BIT | 0xB, b""),
-                ProtocolError::UnknownOpcode(0xB),
-                1002,
-            ),
-            (
-                raw(FIN_BIT | 0xF, b""),
-                ProtocolError::UnknownOpcode(0xF),
-                1002,
-            ),
+            (raw(FIN_BIT | 0x40 | OP_TEXT, b"x"), ProtocolError::ReservedBits, 1002),
+            (raw(FIN_BIT | 0x20 | OP_TEXT, b"x"), ProtocolError::ReservedBits, 1002),
+            (raw(FIN_BIT | 0x10 | OP_TEXT, b"x"), ProtocolError::ReservedBits, 1002),
+            (raw(FIN_BIT | 0x3, b""), ProtocolError::UnknownOpcode(3), 1002),
+            (raw(FIN_BIT | 0x7, b""), ProtocolError::UnknownOpcode(7), 1002),
+            (raw(FIN_BIT | 0xB, b""), ProtocolError::UnknownOpcode(0xB), 1002),
+            (raw(FIN_BIT | 0xF, b""), ProtocolError::UnknownOpcode(0xF), 1002),
             (raw(OP_PING, b""), ProtocolError::FragmentedControl, 1002),
             (raw(OP_CLOSE, b""), ProtocolError::FragmentedControl, 1002),
             (
@@ -772,16 +727,8 @@ mod tests {
                 },
                 1009,
             ),
-            (
-                raw(FIN_BIT | OP_TEXT, b"\xff"),
-                ProtocolError::InvalidUtf8,
-                1007,
-            ),
-            (
-                raw(FIN_BIT | OP_TEXT, b"ok\xc3"),
-                ProtocolError::InvalidUtf8,
-                1007,
-            ),
+            (raw(FIN_BIT | OP_TEXT, b"\xff"), ProtocolError::InvalidUtf8, 1007),
+            (raw(FIN_BIT | OP_TEXT, b"ok\xc3"), ProtocolError::InvalidUtf8, 1007),
             (
                 raw(FIN_BIT | OP_CLOSE, b"\x03"),
                 ProtocolError::InvalidClosePayload,
@@ -812,18 +759,12 @@ mod tests {
         assert_eq!(decode_one(&[0x81, 0x05]), Err(ProtocolError::Unmasked));
         assert_eq!(decode_one(&[0xC1]), Ok(None));
         assert_eq!(decode_one(&[0xC1, 0x85]), Err(ProtocolError::ReservedBits));
-        assert_eq!(
-            decode_one(&[0x09, 0x80]),
-            Err(ProtocolError::FragmentedControl)
-        );
+        assert_eq!(decode_one(&[0x09, 0x80]), Err(ProtocolError::FragmentedControl));
         assert_eq!(
             decode_one(&[0x89, 0xFE]),
             Err(ProtocolError::ControlTooLong { len: 126 })
         );
-        assert_eq!(
-            decode_one(&[0x80, 0x80]),
-            Err(ProtocolError::UnexpectedContinuation)
-        );
+        assert_eq!(decode_one(&[0x80, 0x80]), Err(ProtocolError::UnexpectedContinuation));
         // 2^40 bytes announced: rejected from the 10-byte length alone, nothing reserved.
         let mut buf = BytesMut::from(&[0x82, 0xFF, 0, 0, 1, 0, 0, 0, 0, 0][..]);
         assert_eq!(
@@ -852,10 +793,7 @@ mod tests {
         buf.extend_from_slice(&frame[..2]);
         assert_eq!(
             dec.decode(&mut buf),
-            Err(ProtocolError::MessageTooBig {
-                size: 11,
-                limit: 10
-            })
+            Err(ProtocolError::MessageTooBig { size: 11, limit: 10 })
         );
         // Exactly at the limit is fine.
         let mut dec = FrameDecoder::new(10);
@@ -951,16 +889,8 @@ mod tests {
         let frame = masked(&Message::Binary(Bytes::from(vec![9; 300])));
         for cut in 0..frame.len() {
             let mut buf = BytesMut::from(&frame[..cut]);
-            assert_eq!(
-                FrameDecoder::new(LIMIT).decode(&mut buf),
-                Ok(None),
-                "cut {cut}"
-            );
-            assert_eq!(
-                buf.len(),
-                cut,
-                "nothing consumed before the frame is complete"
-            );
+            assert_eq!(FrameDecoder::new(LIMIT).decode(&mut buf), Ok(None), "cut {cut}");
+            assert_eq!(buf.len(), cut, "nothing consumed before the frame is complete");
         }
     }
 
@@ -993,11 +923,7 @@ mod tests {
             let data: Vec<u8> = (0..len).map(|i| i as u8).collect();
             let mut fast = data.clone();
             unmask(&mut fast, mask);
-            let slow: Vec<u8> = data
-                .iter()
-                .enumerate()
-                .map(|(i, b)| b ^ mask[i % 4])
-                .collect();
+            let slow: Vec<u8> = data.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]).collect();
             assert_eq!(fast, slow, "len {len}");
         }
     }
@@ -1157,9 +1083,7 @@ mod tests {
             client.send(tung::Message::text("héllo")).unwrap();
             client.send(tung::Message::binary(vec![0u8, 1, 2])).unwrap();
             client.send(tung::Message::text(big.clone())).unwrap();
-            client
-                .send(tung::Message::Ping(Bytes::from_static(b"pp")))
-                .unwrap();
+            client.send(tung::Message::Ping(Bytes::from_static(b"pp"))).unwrap();
             client.send(tung::Message::Pong(Bytes::new())).unwrap();
             // A fragmented message with a ping between its fragments.
             client
@@ -1169,9 +1093,7 @@ mod tests {
                     false,
                 )))
                 .unwrap();
-            client
-                .write(tung::Message::Ping(Bytes::from_static(b"mid")))
-                .unwrap();
+            client.write(tung::Message::Ping(Bytes::from_static(b"mid"))).unwrap();
             client
                 .write(tung::Message::Frame(Frame::message(
                     &b"ment"[..],
@@ -1251,10 +1173,7 @@ mod tests {
             let replies = decode_all(&mut FrameDecoder::new(LIMIT), &mut buf).unwrap();
             assert_eq!(
                 replies,
-                vec![
-                    Message::Pong(Bytes::from_static(b"p")),
-                    close(1001, "going away"),
-                ]
+                vec![Message::Pong(Bytes::from_static(b"p")), close(1001, "going away"),]
             );
         }
     }

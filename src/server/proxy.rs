@@ -32,7 +32,10 @@ pub(super) async fn handle(
         Err(e) => return text_response(StatusCode::BAD_REQUEST, format!("{e}\n")),
     };
     let (parts, body) = req.into_parts();
-    let mut out = Request::new(body.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>).boxed_unsync());
+    let mut out = Request::new(
+        body.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+            .boxed_unsync(),
+    );
     *out.method_mut() = parts.method;
     *out.headers_mut() = template.headers();
     *out.uri_mut() = template.uri;
@@ -66,6 +69,7 @@ pub(super) async fn handle(
     }
     Response::from_parts(
         parts,
-        body.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>).boxed_unsync(),
+        body.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+            .boxed_unsync(),
     )
 }

@@ -661,7 +661,10 @@ impl Session {
             return;
         }
         if events.first() != Some(&Event::Open) {
-            self.reject(StatusCode::BAD_GATEWAY, "backend response did not start with OPEN\n".into());
+            self.reject(
+                StatusCode::BAD_GATEWAY,
+                "backend response did not start with OPEN\n".into(),
+            );
             return;
         }
         if self.cfg.grip_enabled
@@ -944,8 +947,7 @@ impl Session {
 
     /// Ends the session once nothing is left to send.
     fn finish_if_idle(&mut self) {
-        if self.state == State::ClientClosing && self.client_gone && self.inflight.is_none() && self.queue.is_empty()
-        {
+        if self.state == State::ClientClosing && self.client_gone && self.inflight.is_none() && self.queue.is_empty() {
             self.finish();
         }
     }
@@ -1020,10 +1022,7 @@ impl Session {
         let mut back: Vec<Event> = Vec::new();
         for ev in &inflight.events {
             let len = ev.content_len();
-            let is_message = matches!(
-                ev,
-                Event::Text(_) | Event::Binary(_) | Event::Ping(_) | Event::Pong(_)
-            );
+            let is_message = matches!(ev, Event::Text(_) | Event::Binary(_) | Event::Ping(_) | Event::Pong(_));
             if !is_message {
                 if skip == 0 || !back.is_empty() {
                     back.push(ev.clone());

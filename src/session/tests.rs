@@ -101,14 +101,20 @@ fn open_is_the_first_request_and_accept_carries_backend_headers() {
     let Action::Accept { headers } = &a[0] else {
         panic!("expected Accept first: {a:?}")
     };
-    assert_eq!(headers.get("sec-websocket-protocol").map(|v| v.as_bytes()), Some(&b"chat"[..]));
+    assert_eq!(
+        headers.get("sec-websocket-protocol").map(|v| v.as_bytes()),
+        Some(&b"chat"[..])
+    );
     assert_eq!(headers.get("x-custom").map(|v| v.as_bytes()), Some(&b"1"[..]));
     for gone in ["content-type", "set-meta-user", "keep-alive-interval", "content-length"] {
         assert!(headers.get(gone).is_none(), "{gone} must not reach the 101");
     }
     assert_eq!(sent(&a), vec![text("hello")]);
     assert!(s.is_open());
-    assert_eq!(s.meta().collect::<Vec<_>>(), vec![("user", &HeaderValue::from_static("alice"))]);
+    assert_eq!(
+        s.meta().collect::<Vec<_>>(),
+        vec![("user", &HeaderValue::from_static("alice"))]
+    );
 }
 
 #[test]
@@ -187,7 +193,10 @@ fn one_request_in_flight_and_batching() {
     assert_eq!(&r1.body[..], b"TEXT 1\r\na\r\n");
     // While it is in flight, more messages queue up.
     s.handle_client(ClientInput::Message(text("b")), now);
-    s.handle_client(ClientInput::Message(Message::Binary(Bytes::from_static(b"\x00\x01"))), now);
+    s.handle_client(
+        ClientInput::Message(Message::Binary(Bytes::from_static(b"\x00\x01"))),
+        now,
+    );
     assert!(request(&actions(&mut s)).is_none(), "only one request in flight");
     s.handle_backend(ok(b"", &[]), now);
     let r2 = request(&actions(&mut s)).expect("batched request");
@@ -211,7 +220,11 @@ fn batch_is_capped_by_bytes_but_a_large_message_goes_alone() {
     s.handle_client(ClientInput::Message(text("789012")), now);
     s.handle_backend(ok(b"", &[]), now);
     let r = request(&actions(&mut s)).expect("request");
-    assert_eq!(&r.body[..], b"TEXT 6\r\n123456\r\n", "second message exceeds the 10-byte batch");
+    assert_eq!(
+        &r.body[..],
+        b"TEXT 6\r\n123456\r\n",
+        "second message exceeds the 10-byte batch"
+    );
     s.handle_backend(ok(b"", &[]), now);
     let r = request(&actions(&mut s)).expect("request");
     assert_eq!(&r.body[..], b"TEXT 6\r\n789012\r\n");
@@ -422,7 +435,11 @@ fn backend_disconnect_drops_client_without_close_frame() {
     actions(&mut s);
     s.handle_backend(ok(b"TEXT 1\r\nz\r\nDISCONNECT\r\nTEXT 1\r\nq\r\n", &[]), now);
     let a = actions(&mut s);
-    assert_eq!(sent(&a), vec![text("z")], "events after DISCONNECT are ignored, no close frame");
+    assert_eq!(
+        sent(&a),
+        vec![text("z")],
+        "events after DISCONNECT are ignored, no close frame"
+    );
     assert!(a.contains(&Action::CloseClient));
     assert_eq!(a.last(), Some(&Action::Done));
 }
@@ -475,7 +492,10 @@ fn connect_failures_are_retried_with_backoff_then_1011() {
         let at = s.poll_timeout().expect("retry timer");
         let delay = at - t;
         let base = Duration::from_millis(100 * (1 << (attempt - 1)));
-        assert!(delay >= base && delay < base + Duration::from_secs(1), "attempt {attempt}: {delay:?}");
+        assert!(
+            delay >= base && delay < base + Duration::from_secs(1),
+            "attempt {attempt}: {delay:?}"
+        );
         t = at;
         s.handle_timeout(t);
         let r = request(&actions(&mut s)).expect("retried request");
@@ -595,7 +615,10 @@ fn rate_limit_closes_with_1008() {
     actions(&mut s);
     s.handle_client(ClientInput::Message(text("3")), now);
     let a = actions(&mut s);
-    assert!(matches!(&sent(&a)[..], [Message::Close(Some(f))] if f.code == 1008), "{a:?}");
+    assert!(
+        matches!(&sent(&a)[..], [Message::Close(Some(f))] if f.code == 1008),
+        "{a:?}"
+    );
     // A second later there are tokens again, but the connection is closing.
     assert!(!s.wants_client_input());
 }
@@ -632,7 +655,10 @@ fn open_grip(cfg: SessionConfig, now: Instant) -> Session {
     let Action::Accept { headers } = &a[0] else {
         panic!("{a:?}")
     };
-    assert!(headers.get("sec-websocket-extensions").is_none(), "grip extension is consumed");
+    assert!(
+        headers.get("sec-websocket-extensions").is_none(),
+        "grip extension is consumed"
+    );
     assert!(s.grip().is_some());
     s
 }
@@ -670,7 +696,10 @@ fn grip_subscribe_and_unsubscribe_emit_actions_with_limit() {
     let a = backend_says(&mut s, r#"c:{"type":"subscribe","channel":"room"}"#, now);
     assert!(a.contains(&Action::Subscribe("room".into())));
     let a = backend_says(&mut s, r#"c:{"type":"subscribe","channel":"other"}"#, now);
-    assert!(!a.iter().any(|x| matches!(x, Action::Subscribe(_))), "over the limit: ignored");
+    assert!(
+        !a.iter().any(|x| matches!(x, Action::Subscribe(_))),
+        "over the limit: ignored"
+    );
     let a = backend_says(&mut s, r#"c:{"type":"unsubscribe","channel":"room"}"#, now);
     assert!(a.contains(&Action::Unsubscribe("room".into())));
 }
@@ -688,11 +717,7 @@ fn grip_detach_stops_relaying_client_messages() {
 fn grip_keep_alive_is_sent_by_the_gateway() {
     let now = t0();
     let mut s = open_grip(cfg(), now);
-    backend_says(
-        &mut s,
-        r#"c:{"type":"keep-alive","content":"ka","timeout":10}"#,
-        now,
-    );
+    backend_says(&mut s, r#"c:{"type":"keep-alive","content":"ka","timeout":10}"#, now);
     let due = s.poll_timeout().expect("keep-alive timer");
     assert_eq!(due, now + Duration::from_secs(10));
     s.handle_timeout(due);
@@ -703,7 +728,11 @@ fn grip_keep_alive_is_sent_by_the_gateway() {
 fn grip_send_delayed_fires_after_timeout_and_flush_sends_now() {
     let now = t0();
     let mut s = open_grip(cfg(), now);
-    backend_says(&mut s, r#"c:{"type":"send-delayed","content":"later","timeout":3}"#, now);
+    backend_says(
+        &mut s,
+        r#"c:{"type":"send-delayed","content":"later","timeout":3}"#,
+        now,
+    );
     assert_eq!(s.poll_timeout(), Some(now + Duration::from_secs(3)));
     s.handle_timeout(now + Duration::from_secs(3));
     assert_eq!(sent(&actions(&mut s)), vec![text("later")]);
@@ -756,7 +785,10 @@ fn grip_off_for_route_means_messages_pass_unchanged() {
     assert!(!r.grip);
     s.handle_backend(ok(b"OPEN\r\n", &[("Sec-WebSocket-Extensions", "grip")]), now);
     actions(&mut s);
-    assert!(s.grip().is_none(), "a route without GRIP ignores the backend's extension");
+    assert!(
+        s.grip().is_none(),
+        "a route without GRIP ignores the backend's extension"
+    );
     let a = backend_says(&mut s, "c:{\"type\":\"detach\"}", now);
     assert_eq!(sent(&a), vec![text("c:{\"type\":\"detach\"}")]);
 }

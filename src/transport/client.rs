@@ -119,13 +119,21 @@ pub fn start_request(
     let client = conn.client.clone();
     let limits = conn.limits.clone();
     Box::pin(async move {
-        backend::send_events(&client, request, limits.timeout, limits.max_body, limits.max_reject_body).await
+        backend::send_events(
+            &client,
+            request,
+            limits.timeout,
+            limits.max_body,
+            limits.max_reject_body,
+        )
+        .await
     })
 }
 
 fn pacing_hash(id: &str) -> u64 {
-    id.bytes()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+    id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 struct Driver {
@@ -183,9 +191,7 @@ impl Driver {
                 return;
             }
             self.update_sleep();
-            let want_read = self.reading
-                && !self.close_after_flush
-                && self.conn.session.wants_client_input();
+            let want_read = self.reading && !self.close_after_flush && self.conn.session.wants_client_input();
             let want_write = !self.wbuf.is_empty();
             let open = self.conn.session.is_open();
             tokio::select! {
@@ -216,6 +222,12 @@ impl Driver {
                 () = async { match self.shutdown_at { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } }, if self.shutdown_at.is_some() => {
                     self.shutdown_at = None;
                     self.conn.session.handle_shutdown(now());
+                }
+                else => {
+                    // Nothing can make progress (no socket interest, request, timer or
+                    // delivery): the connection is over.
+                    tracing::debug!(conn_id = %self.conn.handle.id, "connection idle with nothing pending; ending");
+                    return;
                 }
             }
         }

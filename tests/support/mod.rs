@@ -2,6 +2,9 @@
 //! gateway on 127.0.0.1:0, and WebSocket client helpers. Everything uses real sockets.
 #![allow(dead_code)]
 
+pub mod fake_kube;
+pub mod nats;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -301,6 +304,37 @@ impl TestGateway {
             listening: true.into(),
             reload: None,
             hub: wsgate::grip::Hub::new(gw.registry.clone()),
+            auth: None,
+            max_publish_body: wsgate::admin::publish::DEFAULT_MAX_PUBLISH_BODY,
+        });
+        tokio::spawn(wsgate::admin::run(admin_listener, state, admin_stop.clone()));
+        tokio::spawn(wsgate::server::run(listener, gw.clone(), stop.clone()));
+        Self {
+            addr,
+            admin,
+            gw,
+            table,
+            stop,
+            admin_stop,
+        }
+    }
+
+    /// A gateway built by the caller (e.g. with `on_channel` set), with `hub` behind its admin
+    /// listener's publish and connection APIs.
+    pub async fn with_gateway(gw: Gateway, hub: wsgate::grip::Hub) -> Self {
+        let table = gw.table.clone();
+        let gw = Arc::new(gw);
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind gateway");
+        let addr = listener.local_addr().expect("addr");
+        let admin_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
+        let admin = admin_listener.local_addr().expect("addr");
+        let stop = CancellationToken::new();
+        let admin_stop = CancellationToken::new();
+        let state = Arc::new(AdminState {
+            gateway: gw.clone(),
+            listening: true.into(),
+            reload: None,
+            hub,
             auth: None,
             max_publish_body: wsgate::admin::publish::DEFAULT_MAX_PUBLISH_BODY,
         });

@@ -1,0 +1,651 @@
+//! Controller behaviour against the in-process fake API server.
+//!
+//! Each scenario is an `async fn` over a [`Cluster`] (a `kube::Client` plus hooks), so the same
+//! scenarios can run against a real kube-apiserver by building a `Cluster` from its client.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use k8s_openapi::api::core::v1::{Pod, Secret, Service};
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Api, ResourceExt};
+use serde_json::json;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use support::fake_kube::{FakeKube, TokenUser};
+use support::{DEADLINE, eventually, http_request};
+use wsgate::config::control::{SNAPSHOT_PATH, Snapshot, TOKEN_AUDIENCE};
+use wsgate::controller::{
+    ApiConfig, AuthMode, ControlPlane, ControllerConfig, ControllerMetrics, LeaseConfig, WebSocketRoute,
+};
+
+const NS: &str = "apps";
+
+/// A controller running in this process.
+struct RunningController {
+    addr: SocketAddr,
+    metrics: Arc<ControllerMetrics>,
+    leader: watch::Receiver<bool>,
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RunningController {
+    async fn start(client: kube::Client, identity: &str) -> Self {
+        let mut config = ControllerConfig::new(LeaseConfig {
+            namespace: "wsgate-system".into(),
+            name: "wsgate-controller".into(),
+            identity: identity.into(),
+            lease_duration: Duration::from_secs(2),
+            renew_deadline: Duration::from_millis(1500),
+            retry_period: Duration::from_millis(100),
+        });
+        config.api = ApiConfig {
+            poll_timeout: Duration::from_secs(5),
+            auth: AuthMode::TokenReview {
+                audience: TOKEN_AUDIENCE.into(),
+            },
+            gateway_grace: Duration::from_secs(5),
+        };
+        let plane = ControlPlane::new(client, config);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let metrics = plane.metrics();
+        let leader = plane.leadership();
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(plane.run(listener, cancel.clone()));
+        Self {
+            addr,
+            metrics,
+            leader,
+            cancel,
+            task,
+        }
+    }
+
+    async fn wait_leader(&mut self, want: bool) {
+        tokio::time::timeout(DEADLINE, self.leader.wait_for(|l| *l == want))
+            .await
+            .unwrap_or_else(|_| panic!("leadership never became {want}"))
+            .expect("controller alive");
+    }
+
+    /// Stops gracefully (releases the Lease).
+    async fn stop(self) {
+        self.cancel.cancel();
+        tokio::time::timeout(DEADLINE, self.task)
+            .await
+            .expect("controller stops in time")
+            .expect("controller task");
+    }
+}
+
+/// What scenarios run against: a client, and the fake's extra hooks when there is one.
+struct Cluster {
+    client: kube::Client,
+    fake: FakeKube,
+}
+
+impl Cluster {
+    async fn start() -> Self {
+        let fake = FakeKube::start().await;
+        Self {
+            client: fake.client(),
+            fake,
+        }
+    }
+
+    fn routes(&self) -> Api<WebSocketRoute> {
+        Api::namespaced(self.client.clone(), NS)
+    }
+
+    async fn create_route(&self, name: &str, spec: serde_json::Value) -> WebSocketRoute {
+        let route: WebSocketRoute = serde_json::from_value(json!({
+            "apiVersion": "wsgate.io/v1alpha1", "kind": "WebSocketRoute",
+            "metadata": {"name": name, "namespace": NS},
+            "spec": spec
+        }))
+        .expect("route json");
+        self.routes()
+            .create(&PostParams::default(), &route)
+            .await
+            .expect("create route")
+    }
+
+    async fn create_service(&self, name: &str, port: i32) {
+        let svc: Service = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": NS},
+            "spec": {"ports": [{"port": port}]}
+        }))
+        .expect("service");
+        Api::<Service>::namespaced(self.client.clone(), NS)
+            .create(&PostParams::default(), &svc)
+            .await
+            .expect("create service");
+    }
+
+    async fn put_secret(&self, name: &str, key: &str, value: &str) {
+        let secret: Secret = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": name, "namespace": NS},
+            "stringData": {key: value}
+        }))
+        .expect("secret");
+        let api = Api::<Secret>::namespaced(self.client.clone(), NS);
+        match api.get_opt(name).await.expect("get secret") {
+            None => {
+                api.create(&PostParams::default(), &secret)
+                    .await
+                    .expect("create secret");
+            }
+            Some(_) => {
+                api.patch(name, &PatchParams::default(), &Patch::Merge(&secret))
+                    .await
+                    .expect("patch secret");
+            }
+        }
+    }
+
+    /// Creates a gateway pod and a bound token for it; returns the token.
+    async fn gateway_pod(&self, name: &str, labels: &[(&str, &str)]) -> String {
+        let labels: BTreeMap<&str, &str> = labels.iter().copied().collect();
+        let pod: Pod = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": NS, "labels": labels},
+            "spec": {"serviceAccountName": "gateway", "containers": [{"name": "app", "image": "app"}]}
+        }))
+        .expect("pod");
+        let pod = Api::<Pod>::namespaced(self.client.clone(), NS)
+            .create(&PostParams::default(), &pod)
+            .await
+            .expect("create pod");
+        let token = format!("token-{name}");
+        let uid = pod.metadata.uid.clone().expect("uid");
+        self.fake
+            .add_token(&token, TokenUser::pod(NS, "gateway", name, &uid, TOKEN_AUDIENCE));
+        token
+    }
+
+    /// Waits until route `name`'s status satisfies `pred`.
+    async fn wait_route(&self, name: &str, what: &str, pred: impl Fn(&WebSocketRoute) -> bool) -> WebSocketRoute {
+        let api = self.routes();
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let route = api.get(name).await.expect("get route");
+            if pred(&route) {
+                return route;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for route {name}: {what}; status: {:#?}",
+                route.status
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn events_for(&self, name: &str) -> Vec<Event> {
+        Api::<Event>::namespaced(self.client.clone(), NS)
+            .list(&Default::default())
+            .await
+            .expect("list events")
+            .items
+            .into_iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+            .collect()
+    }
+}
+
+fn condition<'a>(route: &'a WebSocketRoute, type_: &str) -> Option<(&'a str, &'a str, &'a str)> {
+    let c = route.status.as_ref()?.condition(type_)?;
+    Some((c.status.as_str(), c.reason.as_str(), c.message.as_str()))
+}
+
+fn is(route: &WebSocketRoute, type_: &str, status: &str, reason: &str) -> bool {
+    condition(route, type_).is_some_and(|(s, r, _)| s == status && r == reason)
+}
+
+/// GETs a snapshot; `Ok(None)` for 304.
+async fn fetch_snapshot(
+    addr: SocketAddr,
+    pod: &str,
+    token: &str,
+    version: Option<u64>,
+) -> Result<Option<Snapshot>, (u16, String)> {
+    let mut path = format!("{SNAPSHOT_PATH}?namespace={NS}&pod={pod}");
+    if let Some(v) = version {
+        path.push_str(&format!("&version={v}"));
+    }
+    let auth = format!("Bearer {token}");
+    let (status, _, body) = http_request(addr, "GET", &path, &[("authorization", &auth)], b"").await;
+    match status.as_u16() {
+        200 => Ok(Some(serde_json::from_slice(&body).expect("snapshot json"))),
+        304 => Ok(None),
+        code => Err((code, String::from_utf8_lossy(&body).into_owned())),
+    }
+}
+
+/// Polls (long poll) until the pod's snapshot satisfies `pred`.
+async fn wait_snapshot(
+    addr: SocketAddr,
+    pod: &str,
+    token: &str,
+    what: &str,
+    pred: impl Fn(&Snapshot) -> bool,
+) -> Snapshot {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let mut version = None;
+    loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for snapshot: {what}"
+        );
+        match fetch_snapshot(addr, pod, token, version).await {
+            Ok(Some(s)) if pred(&s) => return s,
+            Ok(Some(s)) => version = Some(s.version),
+            Ok(None) => {}
+            Err((503, _)) => tokio::time::sleep(Duration::from_millis(20)).await,
+            Err(e) => panic!("snapshot request failed: {e:?}"),
+        }
+    }
+}
+
+/// An ingress route for `host` to a Service.
+fn service_spec(host: &str, service: &str, port: u16) -> serde_json::Value {
+    json!({"match": {"hostnames": [host]}, "backend": {"service": {"name": service, "port": port}}})
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scenarios
+
+async fn created_route_is_accepted(cluster: &Cluster) {
+    cluster.create_service("chat", 8080).await;
+    cluster
+        .create_route("chat", service_spec("chat.example.com", "chat", 8080))
+        .await;
+    let route = cluster
+        .wait_route("chat", "Accepted and ResolvedRefs", |r| {
+            is(r, "Accepted", "True", "Accepted") && is(r, "ResolvedRefs", "True", "ResolvedRefs")
+        })
+        .await;
+    let status = route.status.expect("status");
+    assert_eq!(status.observed_generation, Some(1));
+    assert_eq!(status.backend.as_deref(), Some("http://chat.apps.svc:8080"));
+    assert!(status.conditions.iter().all(|c| c.observed_generation == Some(1)));
+}
+
+async fn invalid_spec_is_rejected_with_reason_and_event(cluster: &Cluster) {
+    // The schema accepts this (both fields are optional); the route model does not.
+    cluster
+        .create_route("both", json!({"backend": {"url": "http://a:1", "port": 8080}}))
+        .await;
+    let route = cluster
+        .wait_route("both", "Accepted=False Invalid", |r| {
+            is(r, "Accepted", "False", "Invalid")
+        })
+        .await;
+    let (_, _, message) = condition(&route, "Accepted").expect("condition");
+    assert_eq!(message, "spec.backend: exactly one of url, service or port may be set");
+    assert_eq!(condition(&route, "ResolvedRefs").map(|c| c.0), Some("Unknown"));
+    eventually("a Warning Event for the invalid route", || async {
+        cluster.events_for("both").await.iter().any(|e| {
+            e.reason.as_deref() == Some("Invalid")
+                && e.type_.as_deref() == Some("Warning")
+                && e.note.as_deref().is_some_and(|n| n.contains("spec.backend"))
+        })
+    })
+    .await;
+    // Fixing it flips the condition, at the new generation.
+    let fix = json!({"spec": {"backend": {"url": null}}});
+    cluster
+        .routes()
+        .patch("both", &PatchParams::default(), &Patch::Merge(&fix))
+        .await
+        .expect("patch");
+    let route = cluster
+        .wait_route("both", "Accepted after the fix", |r| {
+            is(r, "Accepted", "True", "Accepted")
+        })
+        .await;
+    assert_eq!(route.metadata.generation, Some(2));
+    assert_eq!(route.status.expect("status").observed_generation, Some(2));
+}
+
+async fn schema_violations_are_refused_by_the_api_server(cluster: &Cluster) {
+    let route: WebSocketRoute = serde_json::from_value(json!({
+        "apiVersion": "wsgate.io/v1alpha1", "kind": "WebSocketRoute",
+        "metadata": {"name": "bad", "namespace": NS},
+        "spec": {"backend": {"port": 8080}, "headers": {"forwardedFor": "keep"}}
+    }))
+    .expect("json");
+    let err = cluster
+        .routes()
+        .create(&PostParams::default(), &route)
+        .await
+        .expect_err("the schema refuses an unknown enum value");
+    match err {
+        kube::Error::Api(status) => {
+            assert_eq!(status.code, 422);
+            assert!(
+                status.message.contains("spec.headers.forwardedFor"),
+                "{}",
+                status.message
+            );
+        }
+        other => panic!("expected a 422, got {other}"),
+    }
+}
+
+async fn missing_service_resolves_when_it_appears(cluster: &Cluster) {
+    cluster
+        .create_route("late", service_spec("late.example.com", "late-svc", 9000))
+        .await;
+    let route = cluster
+        .wait_route("late", "ResolvedRefs=False BackendNotFound", |r| {
+            is(r, "ResolvedRefs", "False", "BackendNotFound")
+        })
+        .await;
+    assert_eq!(
+        condition(&route, "ResolvedRefs").map(|c| c.2),
+        Some("Service apps/late-svc not found")
+    );
+    assert!(
+        is(&route, "Accepted", "True", "Accepted"),
+        "a missing Service does not make the spec invalid"
+    );
+    eventually("a BackendNotFound Event", || async {
+        cluster
+            .events_for("late")
+            .await
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("BackendNotFound"))
+    })
+    .await;
+    cluster.create_service("late-svc", 9000).await;
+    cluster
+        .wait_route("late", "ResolvedRefs=True", |r| {
+            is(r, "ResolvedRefs", "True", "ResolvedRefs")
+        })
+        .await;
+}
+
+async fn secret_rotation_reaches_the_gateway(cluster: &Cluster, ctl: &RunningController) {
+    let token = cluster.gateway_pod("chat-0", &[("app", "chat")]).await;
+    cluster.put_secret("grip", "key", "first-key").await;
+    cluster
+        .create_route(
+            "signed",
+            json!({
+                "backend": {"port": 8080},
+                "workloadSelector": {"app": "chat"},
+                "grip": {"signingKey": {"secretRef": {"name": "grip", "key": "key"}}}
+            }),
+        )
+        .await;
+    let key_of = |s: &Snapshot| {
+        s.routes
+            .iter()
+            .find(|r| r.name == "signed")
+            .and_then(|r| r.secrets.first())
+            .map(|m| base64::engine::general_purpose::STANDARD.decode(&m.value).expect("b64"))
+    };
+    let first = wait_snapshot(ctl.addr, "chat-0", &token, "first key", |s| {
+        key_of(s).as_deref() == Some(b"first-key".as_slice())
+    })
+    .await;
+    first.compile().expect("the gateway compiles it");
+    cluster.put_secret("grip", "key", "second-key").await;
+    let second = wait_snapshot(ctl.addr, "chat-0", &token, "rotated key", |s| {
+        key_of(s).as_deref() == Some(b"second-key".as_slice())
+    })
+    .await;
+    assert_ne!(first.version, second.version);
+    // A pod the route doesn't select gets neither the route nor the key.
+    let other = cluster.gateway_pod("feed-0", &[("app", "feed")]).await;
+    let snap = fetch_snapshot(ctl.addr, "feed-0", &other, None)
+        .await
+        .expect("ok")
+        .expect("snapshot");
+    assert!(snap.routes.is_empty(), "{snap:?}");
+    // The route counts the one gateway serving it.
+    cluster
+        .wait_route("signed", "gateways = 1", |r| {
+            r.status.as_ref().is_some_and(|s| s.gateways == 1)
+        })
+        .await;
+}
+
+async fn conflicts_go_against_the_newer_route(cluster: &Cluster) {
+    let spec =
+        json!({"match": {"hostnames": ["dup.example.com"], "pathPrefixes": ["/ws"]}, "backend": {"url": "http://a:1"}});
+    cluster.create_route("zeta", spec.clone()).await;
+    cluster
+        .wait_route("zeta", "zeta accepted", |r| is(r, "Accepted", "True", "Accepted"))
+        .await;
+    cluster.fake.advance_clock(10);
+    // Alphabetically first, but created later: it loses.
+    cluster.create_route("alpha", spec).await;
+    let alpha = cluster
+        .wait_route("alpha", "alpha Conflicted", |r| {
+            is(r, "Accepted", "False", "Conflicted")
+        })
+        .await;
+    let (_, _, message) = condition(&alpha, "Accepted").expect("condition");
+    assert_eq!(
+        message,
+        "host \"dup.example.com\" with path prefix \"/ws\" is already served by the older route apps/zeta for the same workloads"
+    );
+    let zeta = cluster.routes().get("zeta").await.expect("zeta");
+    assert!(is(&zeta, "Accepted", "True", "Accepted"));
+    eventually("a Conflicted Event", || async {
+        cluster
+            .events_for("alpha")
+            .await
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("Conflicted"))
+    })
+    .await;
+    // Deleting the winner lets the other one in.
+    cluster
+        .routes()
+        .delete("zeta", &DeleteParams::default())
+        .await
+        .expect("delete");
+    cluster
+        .wait_route("alpha", "alpha accepted after zeta is gone", |r| {
+            is(r, "Accepted", "True", "Accepted")
+        })
+        .await;
+}
+
+async fn deletion_removes_the_route_from_snapshots(cluster: &Cluster, ctl: &RunningController) {
+    let token = cluster.gateway_pod("web-0", &[("app", "web")]).await;
+    cluster
+        .create_route(
+            "gone",
+            json!({"backend": {"port": 8080}, "workloadSelector": {"app": "web"}}),
+        )
+        .await;
+    let snap = wait_snapshot(ctl.addr, "web-0", &token, "route present", |s| s.routes.len() == 1).await;
+    cluster
+        .routes()
+        .delete("gone", &DeleteParams::default())
+        .await
+        .expect("delete");
+    let after = fetch_snapshot(ctl.addr, "web-0", &token, Some(snap.version))
+        .await
+        .expect("ok")
+        .expect("a change, not a 304");
+    assert!(after.routes.is_empty(), "{after:?}");
+}
+
+async fn gateways_are_authenticated(cluster: &Cluster, ctl: &RunningController) {
+    let token = cluster.gateway_pod("auth-0", &[("app", "auth")]).await;
+    let _other = cluster.gateway_pod("auth-1", &[("app", "auth")]).await;
+    let deny = |r: Result<Option<Snapshot>, (u16, String)>| r.expect_err("refused");
+    let (code, body) = deny(fetch_snapshot(ctl.addr, "auth-0", "not-a-token", None).await);
+    assert_eq!(code, 401, "{body}");
+    let (code, body) = deny(fetch_snapshot(ctl.addr, "auth-1", &token, None).await);
+    assert_eq!(
+        (code, body.trim()),
+        (403, "the token belongs to pod auth-0, not auth-1")
+    );
+    cluster.fake.add_token(
+        "other-audience",
+        TokenUser::pod(NS, "gateway", "auth-0", "x", "https://kubernetes.default.svc"),
+    );
+    let (code, _) = deny(fetch_snapshot(ctl.addr, "auth-0", "other-audience", None).await);
+    assert_eq!(code, 401);
+    assert!(ctl.metrics.snapshot().auth_failures >= 3);
+    fetch_snapshot(ctl.addr, "auth-0", &token, None).await.expect("allowed");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+
+#[tokio::test]
+async fn routes_get_status_events_and_snapshots() {
+    let cluster = Cluster::start().await;
+    let mut ctl = RunningController::start(cluster.client.clone(), "ctl-0").await;
+    ctl.wait_leader(true).await;
+    created_route_is_accepted(&cluster).await;
+    invalid_spec_is_rejected_with_reason_and_event(&cluster).await;
+    schema_violations_are_refused_by_the_api_server(&cluster).await;
+    missing_service_resolves_when_it_appears(&cluster).await;
+    secret_rotation_reaches_the_gateway(&cluster, &ctl).await;
+    conflicts_go_against_the_newer_route(&cluster).await;
+    deletion_removes_the_route_from_snapshots(&cluster, &ctl).await;
+    gateways_are_authenticated(&cluster, &ctl).await;
+    let m = ctl.metrics.snapshot();
+    assert!(m.reconciles > 0 && m.status_writes > 0 && m.events >= 3, "{m:?}");
+    ctl.stop().await;
+}
+
+#[tokio::test]
+async fn status_is_written_once_per_change() {
+    let cluster = Cluster::start().await;
+    let mut ctl = RunningController::start(cluster.client.clone(), "ctl-0").await;
+    ctl.wait_leader(true).await;
+    created_route_is_accepted(&cluster).await;
+    // Writing status bumps resourceVersion but not generation; the controller must not loop on
+    // its own writes. Another route's creation rechecks everything but rewrites nothing.
+    let writes = ctl.metrics.snapshot().status_writes;
+    cluster
+        .create_route(
+            "other",
+            json!({"match": {"pathPrefixes": ["/other"]}, "backend": {"port": 1}}),
+        )
+        .await;
+    cluster
+        .wait_route("other", "accepted", |r| is(r, "Accepted", "True", "Accepted"))
+        .await;
+    let chat = cluster.routes().get("chat").await.expect("chat");
+    assert_eq!(chat.metadata.generation, Some(1));
+    assert_eq!(
+        ctl.metrics.snapshot().status_writes,
+        writes + 1,
+        "only the new route's status was written"
+    );
+    ctl.stop().await;
+}
+
+#[tokio::test]
+async fn watches_recover_from_expired_resource_versions() {
+    let cluster = Cluster::start().await;
+    let mut ctl = RunningController::start(cluster.client.clone(), "ctl-0").await;
+    ctl.wait_leader(true).await;
+    created_route_is_accepted(&cluster).await;
+    // History gone and every watch cut: resuming gets 410 Gone, so the caches relist.
+    cluster.fake.compact();
+    cluster.fake.close_watches();
+    cluster
+        .create_route("after", service_spec("after.example.com", "nope", 1))
+        .await;
+    cluster
+        .wait_route("after", "reconciled after the relist", |r| {
+            is(r, "ResolvedRefs", "False", "BackendNotFound")
+        })
+        .await;
+    assert!(
+        cluster
+            .fake
+            .requests()
+            .iter()
+            .any(|r| r.starts_with("GET /apis/wsgate.io/v1alpha1/websocketroutes?") && !r.contains("watch=true")),
+        "the routes were listed again"
+    );
+    ctl.stop().await;
+}
+
+#[tokio::test]
+async fn leadership_fails_over_and_only_the_leader_writes() {
+    let cluster = Cluster::start().await;
+    let mut first = RunningController::start(cluster.client.clone(), "ctl-a").await;
+    first.wait_leader(true).await;
+    let mut second = RunningController::start(cluster.client.clone(), "ctl-b").await;
+    cluster.create_service("chat", 8080).await;
+    cluster
+        .create_route("chat", service_spec("chat.example.com", "chat", 8080))
+        .await;
+    cluster
+        .wait_route("chat", "accepted by the leader", |r| {
+            is(r, "Accepted", "True", "Accepted")
+        })
+        .await;
+    assert!(!*second.leader.borrow(), "one leader at a time");
+    assert_eq!(
+        second.metrics.snapshot().status_writes,
+        0,
+        "the follower writes nothing"
+    );
+    assert!(
+        second.metrics.snapshot().reconciles > 0,
+        "the follower reconciles (without writing)"
+    );
+
+    first.stop().await;
+    second.wait_leader(true).await;
+    let lease: k8s_openapi::api::coordination::v1::Lease = Api::namespaced(cluster.client.clone(), "wsgate-system")
+        .get("wsgate-controller")
+        .await
+        .expect("lease");
+    let spec = lease.spec.expect("spec");
+    assert_eq!(spec.holder_identity.as_deref(), Some("ctl-b"));
+    assert_eq!(spec.lease_transitions, Some(1));
+    cluster
+        .create_route("next", service_spec("next.example.com", "chat", 8080))
+        .await;
+    let next = cluster
+        .wait_route("next", "accepted by the new leader", |r| {
+            is(r, "Accepted", "True", "Accepted")
+        })
+        .await;
+    assert!(next.name_any() == "next" && second.metrics.snapshot().status_writes > 0);
+    second.stop().await;
+}
+
+#[tokio::test]
+async fn a_crashed_leader_is_replaced_after_the_lease_expires() {
+    let cluster = Cluster::start().await;
+    let mut first = RunningController::start(cluster.client.clone(), "ctl-a").await;
+    first.wait_leader(true).await;
+    let mut second = RunningController::start(cluster.client.clone(), "ctl-b").await;
+    // No release: the task is aborted mid-flight, like a killed pod.
+    first.task.abort();
+    second.wait_leader(true).await;
+    cluster
+        .create_route("after-crash", json!({"backend": {"port": 1}}))
+        .await;
+    cluster
+        .wait_route("after-crash", "accepted", |r| is(r, "Accepted", "True", "Accepted"))
+        .await;
+    second.stop().await;
+}
