@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use wsgate::admin::{self, AdminState};
 use wsgate::config::{self, DurationSpec, ReloadStatus, Route, RouteTable};
 use wsgate::server::{self, Gateway, GatewaySettings};
+use wsgate::telemetry;
 
 /// Exit code for bad configuration (EX_CONFIG-like, as linkerd uses 64).
 const EXIT_CONFIG: u8 = 64;
@@ -43,6 +44,11 @@ enum Command {
     Gateway(GatewayArgs),
     /// Publish a message to a channel through a gateway's publish API.
     Publish(PublishArgs),
+    /// Print the WebSocketRoute CustomResourceDefinition (YAML).
+    Crd,
+    /// Kubernetes control plane: WebSocketRoute status, the control API for gateways and the
+    /// sidecar-injection webhook.
+    Controller(wsgate::controller::ControllerArgs),
     /// Try wsgate: a gateway in front of a built-in demo backend (echo and a GRIP chat room)
     /// with a web page at http://127.0.0.1:8080/.
     Demo(DemoArgs),
@@ -130,24 +136,27 @@ struct GatewayArgs {
     /// Largest publish or connection-API request body.
     #[arg(long, default_value_t = 1_000_000)]
     max_publish_body: usize,
+    #[command(flatten)]
+    control: wsgate::config::control::ControlClientArgs,
 }
 
-fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter).context("--log-level")?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
-    Ok(())
+/// Logs, and traces when the standard `OTEL_*` variables name an OTLP endpoint. Must run
+/// inside the runtime (span export runs on it).
+fn init_telemetry(format: LogFormat, filter: &str) -> anyhow::Result<Option<telemetry::Tracing>> {
+    let tracing = match telemetry::TraceConfig::from_env()? {
+        Some(cfg) => Some(telemetry::Tracing::start(&cfg)?),
+        None => None,
+    };
+    let format = match format {
+        LogFormat::Text => telemetry::LogFormat::Text,
+        LogFormat::Json => telemetry::LogFormat::Json,
+    };
+    telemetry::init(format, filter, tracing.as_ref()).context("--log-level")?;
+    Ok(tracing)
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Err(e) = init_logging(cli.log_format, &cli.log_level) {
-        eprintln!("wsgate: {e:#}");
-        return ExitCode::from(EXIT_CONFIG);
-    }
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -155,11 +164,30 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match cli.command {
+    let tracing = match rt.block_on(async { init_telemetry(cli.log_format, &cli.log_level) }) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("wsgate: {e:#}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let code = match cli.command {
         Command::Gateway(args) => rt.block_on(gateway(args)),
         Command::Demo(args) => rt.block_on(demo(args)),
         Command::Publish(args) => rt.block_on(publish(args)),
+        Command::Crd => {
+            print!("{}", wsgate::controller::crd_yaml());
+            ExitCode::SUCCESS
+        }
+        Command::Controller(args) => rt.block_on(wsgate::controller::run(args)),
+    };
+    // Outside the runtime's own threads: the final export runs on its workers.
+    if let Some(t) = tracing
+        && let Err(e) = t.shutdown()
+    {
+        eprintln!("wsgate: {e}");
     }
+    code
 }
 
 fn load_table(args: &GatewayArgs) -> Result<RouteTable, String> {
@@ -189,7 +217,23 @@ async fn gateway(args: GatewayArgs) -> ExitCode {
         );
         return ExitCode::from(EXIT_CONFIG);
     }
-    let table = match load_table(&args) {
+    let control = match args.control.to_config(&|n| std::env::var(n).ok()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("wsgate: bad configuration: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if control.is_some() && (args.backend.is_some() || args.config.is_some()) {
+        eprintln!("wsgate: bad configuration: --control-url excludes --backend and --config");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let table = if control.is_some() {
+        Ok(RouteTable::default())
+    } else {
+        load_table(&args)
+    };
+    let table = match table {
         Ok(t) => t,
         Err(e) => {
             eprintln!("wsgate: bad configuration: {e}");
@@ -233,13 +277,22 @@ async fn gateway(args: GatewayArgs) -> ExitCode {
         ));
         status
     });
+    let control_status = control.map(|config| {
+        let status = Arc::new(wsgate::config::control::ControlStatus::new());
+        tokio::spawn(wsgate::config::control::run_control_client(
+            config,
+            table.clone(),
+            status.clone(),
+            stop.clone(),
+        ));
+        status
+    });
     let admin_state = Arc::new(AdminState {
-        gateway: gw.clone(),
-        listening: Default::default(),
         reload,
-        hub: wsgate::grip::Hub::new(gw.registry.clone()),
         auth,
         max_publish_body: args.max_publish_body,
+        control: control_status,
+        ..AdminState::new(gw.clone())
     });
     let admin_stop = CancellationToken::new();
     let admin_task = tokio::spawn(admin::run(admin_listener, admin_state.clone(), admin_stop.clone()));
@@ -317,6 +370,11 @@ async fn demo(args: DemoArgs) -> ExitCode {
         publish_jwt_key: None,
         admin_allow_unauthenticated: false,
         max_publish_body: 1_000_000,
+        control: wsgate::config::control::ControlClientArgs {
+            control_url: None,
+            control_token_file: std::path::PathBuf::new(),
+            control_no_token: true,
+        },
     };
     let code = gateway(gateway_args).await;
     stop_backend.cancel();

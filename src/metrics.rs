@@ -75,16 +75,14 @@ impl Format {
     /// OpenMetrics when the `Accept` header lists it (as Prometheus does), Prometheus text
     /// otherwise.
     pub fn negotiate(accept: Option<&HeaderValue>) -> Self {
-        let wants_om = accept
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| {
-                v.split(',').any(|range| {
-                    range
-                        .split(';')
-                        .next()
-                        .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/openmetrics-text"))
-                })
-            });
+        let wants_om = accept.and_then(|v| v.to_str().ok()).is_some_and(|v| {
+            v.split(',').any(|range| {
+                range
+                    .split(';')
+                    .next()
+                    .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/openmetrics-text"))
+            })
+        });
         if wants_om { Self::OpenMetrics } else { Self::Prometheus }
     }
 
@@ -235,10 +233,7 @@ impl Histogram {
     /// Records one duration; with a trace id it becomes its bucket's exemplar.
     pub fn observe(&self, d: Duration, trace_id: Option<u128>) {
         let secs = d.as_secs_f64();
-        let slot = DURATION_BUCKETS
-            .iter()
-            .position(|&le| secs <= le)
-            .unwrap_or(SLOTS - 1);
+        let slot = DURATION_BUCKETS.iter().position(|&le| secs <= le).unwrap_or(SLOTS - 1);
         self.counts[slot].fetch_add(1, Ordering::Relaxed);
         let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
@@ -463,7 +458,9 @@ impl Exposition {
         };
         let _ = writeln!(self.out, "# HELP {shown} {}", escape_help(help));
         let _ = writeln!(self.out, "# TYPE {shown} {}", kind.as_str());
-        if let (Format::OpenMetrics, Some(unit)) = (self.format, unit) {
+        // Histograms keep their unit in the name only: some OpenMetrics parsers refuse `# UNIT`
+        // on them.
+        if let (Format::OpenMetrics, Some(unit), Kind::Counter | Kind::Gauge) = (self.format, unit, kind) {
             let _ = writeln!(self.out, "# UNIT {shown} {unit}");
         }
     }
@@ -588,7 +585,12 @@ pub fn render(gw: &Gateway, format: Format) -> String {
     }
 
     let s = &gw.stats;
-    e.family("wsgate_handshakes", Kind::Counter, None, "WebSocket handshakes by outcome.");
+    e.family(
+        "wsgate_handshakes",
+        Kind::Counter,
+        None,
+        "WebSocket handshakes by outcome.",
+    );
     for (outcome, v) in [
         ("accepted", &s.handshakes_accepted),
         ("rejected", &s.handshakes_rejected),
@@ -597,7 +599,12 @@ pub fn render(gw: &Gateway, format: Format) -> String {
     ] {
         e.counter(&[("outcome", outcome)], get(v));
     }
-    e.family("wsgate_http_requests", Kind::Counter, None, "Plain HTTP requests passed through.");
+    e.family(
+        "wsgate_http_requests",
+        Kind::Counter,
+        None,
+        "Plain HTTP requests passed through.",
+    );
     e.counter(&[], get(&s.http_requests));
 
     let routes = gw.metrics.routes();
@@ -643,19 +650,39 @@ pub fn render(gw: &Gateway, format: Format) -> String {
             e.counter(&[("route", route), ("kind", kind.label())], m.backend_errors(kind));
         }
     }
-    e.family("wsgate_backend_retries", Kind::Counter, None, "Backend request retries by route.");
+    e.family(
+        "wsgate_backend_retries",
+        Kind::Counter,
+        None,
+        "Backend request retries by route.",
+    );
     for (route, m) in &routes {
         e.counter(&[("route", route)], m.retries());
     }
-    e.family("wsgate_keepalives", Kind::Counter, None, "Keep-alive requests sent to backends, by route.");
+    e.family(
+        "wsgate_keepalives",
+        Kind::Counter,
+        None,
+        "Keep-alive requests sent to backends, by route.",
+    );
     for (route, m) in &routes {
         e.counter(&[("route", route)], m.keep_alives());
     }
 
     let r = &gw.registry.stats;
-    e.family("wsgate_publishes", Kind::Counter, None, "Publish items handled (local and from NATS).");
+    e.family(
+        "wsgate_publishes",
+        Kind::Counter,
+        None,
+        "Publish items handled (local and from NATS).",
+    );
     e.counter(&[], get(&r.published));
-    e.family("wsgate_deliveries", Kind::Counter, None, "Published messages queued to connections.");
+    e.family(
+        "wsgate_deliveries",
+        Kind::Counter,
+        None,
+        "Published messages queued to connections.",
+    );
     e.counter(&[], get(&r.delivered));
     e.family(
         "wsgate_deliveries_filtered",
@@ -671,11 +698,21 @@ pub fn render(gw: &Gateway, format: Format) -> String {
         "Connections closed because they did not keep up with deliveries.",
     );
     e.counter(&[], get(&r.slow_consumer_drops));
-    e.family("wsgate_subscriptions", Kind::Gauge, None, "Channel subscriptions of local connections.");
+    e.family(
+        "wsgate_subscriptions",
+        Kind::Gauge,
+        None,
+        "Channel subscriptions of local connections.",
+    );
     e.gauge(&[], i64::try_from(gw.registry.subscription_count()).unwrap_or(i64::MAX));
 
     if let Some(state) = gw.metrics.nats_state() {
-        e.family("wsgate_nats_state", Kind::Gauge, None, "NATS connection state (1 connected, 0 not).");
+        e.family(
+            "wsgate_nats_state",
+            Kind::Gauge,
+            None,
+            "NATS connection state (1 connected, 0 not).",
+        );
         e.gauge(&[], state);
     }
     e.family(
@@ -693,10 +730,22 @@ pub fn render(gw: &Gateway, format: Format) -> String {
 pub fn encode_controller(e: &mut Exposition, s: &MetricsSnapshot, reconcile_durations: Option<&Histogram>) {
     let counters = [
         ("wsgate_controller_reconciles", "Reconciles run.", s.reconciles),
-        ("wsgate_controller_reconcile_errors", "Reconciles that failed.", s.reconcile_errors),
-        ("wsgate_controller_status_writes", "Status patches written.", s.status_writes),
+        (
+            "wsgate_controller_reconcile_errors",
+            "Reconciles that failed.",
+            s.reconcile_errors,
+        ),
+        (
+            "wsgate_controller_status_writes",
+            "Status patches written.",
+            s.status_writes,
+        ),
         ("wsgate_controller_events", "Kubernetes Events published.", s.events),
-        ("wsgate_controller_snapshots_served", "Snapshots sent to gateways.", s.snapshots_served),
+        (
+            "wsgate_controller_snapshots_served",
+            "Snapshots sent to gateways.",
+            s.snapshots_served,
+        ),
         (
             "wsgate_controller_snapshots_unchanged",
             "Snapshot long polls that ended without a change.",
@@ -717,7 +766,12 @@ pub fn encode_controller(e: &mut Exposition, s: &MetricsSnapshot, reconcile_dura
         e.family(name, Kind::Counter, None, help);
         e.counter(&[], v);
     }
-    e.family("wsgate_controller_leader", Kind::Gauge, None, "1 while this instance holds the Lease.");
+    e.family(
+        "wsgate_controller_leader",
+        Kind::Gauge,
+        None,
+        "1 while this instance holds the Lease.",
+    );
     e.gauge(&[], i64::from(s.leader));
     if let Some(h) = reconcile_durations {
         e.family(
@@ -849,8 +903,15 @@ mod tests {
             assert!(text.contains(r#"x_seconds_bucket{le="+Inf"} 1"#), "{text}");
             match format {
                 Format::OpenMetrics => {
-                    assert!(text.contains("# TYPE x_bytes counter\n# UNIT x_bytes bytes\n"), "{text}");
-                    assert!(text.contains(r#"# {trace_id="00000000000000000000000000000001"} 0.002 "#), "{text}");
+                    assert!(
+                        text.contains("# TYPE x_bytes counter\n# UNIT x_bytes bytes\n"),
+                        "{text}"
+                    );
+                    assert!(!text.contains("# UNIT x_seconds"), "{text}");
+                    assert!(
+                        text.contains(r#"# {trace_id="00000000000000000000000000000001"} 0.002 "#),
+                        "{text}"
+                    );
                     assert!(text.ends_with("# EOF\n"));
                 }
                 Format::Prometheus => {
@@ -867,7 +928,10 @@ mod tests {
             "application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.4,*/*;q=0.1",
         );
         assert_eq!(Format::negotiate(Some(&om)), Format::OpenMetrics);
-        assert_eq!(Format::negotiate(Some(&HeaderValue::from_static("text/plain"))), Format::Prometheus);
+        assert_eq!(
+            Format::negotiate(Some(&HeaderValue::from_static("text/plain"))),
+            Format::Prometheus
+        );
         assert_eq!(Format::negotiate(None), Format::Prometheus);
     }
 

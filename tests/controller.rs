@@ -13,7 +13,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use k8s_openapi::api::core::v1::{Pod, Secret, Service};
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
 use tokio::sync::watch;
@@ -242,15 +242,15 @@ async fn wait_snapshot(
     pred: impl Fn(&Snapshot) -> bool,
 ) -> Snapshot {
     let deadline = tokio::time::Instant::now() + DEADLINE;
-    let mut version = None;
+    let mut last = None;
     loop {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "timed out waiting for snapshot: {what}"
+            "timed out waiting for snapshot: {what}; last: {last:#?}"
         );
-        match fetch_snapshot(addr, pod, token, version).await {
+        match fetch_snapshot(addr, pod, token, last.as_ref().map(|s: &Snapshot| s.version)).await {
             Ok(Some(s)) if pred(&s) => return s,
-            Ok(Some(s)) => version = Some(s.version),
+            Ok(Some(s)) => last = Some(s),
             Ok(None) => {}
             Err((503, _)) => tokio::time::sleep(Duration::from_millis(20)).await,
             Err(e) => panic!("snapshot request failed: {e:?}"),
@@ -320,28 +320,51 @@ async fn invalid_spec_is_rejected_with_reason_and_event(cluster: &Cluster) {
 }
 
 async fn schema_violations_are_refused_by_the_api_server(cluster: &Cluster) {
-    let route: WebSocketRoute = serde_json::from_value(json!({
+    // Untyped, so the test can send what the Rust types can't express.
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(cluster.client.clone(), NS, &ApiResource::erase::<WebSocketRoute>(&()));
+    let bad: DynamicObject = serde_json::from_value(json!({
         "apiVersion": "wsgate.io/v1alpha1", "kind": "WebSocketRoute",
         "metadata": {"name": "bad", "namespace": NS},
-        "spec": {"backend": {"port": 8080}, "headers": {"forwardedFor": "keep"}}
+        "spec": {
+            "backend": {"port": 70000},
+            "headers": {"forwardedFor": "keep"},
+            "keepAlive": {"minInterval": "1d"},
+            "limits": {"maxMessageBytes": 0}
+        }
     }))
     .expect("json");
-    let err = cluster
-        .routes()
-        .create(&PostParams::default(), &route)
+    let err = api
+        .create(&PostParams::default(), &bad)
         .await
-        .expect_err("the schema refuses an unknown enum value");
-    match err {
-        kube::Error::Api(status) => {
-            assert_eq!(status.code, 422);
-            assert!(
-                status.message.contains("spec.headers.forwardedFor"),
-                "{}",
-                status.message
-            );
-        }
-        other => panic!("expected a 422, got {other}"),
+        .expect_err("the schema refuses it");
+    let kube::Error::Api(status) = err else {
+        panic!("expected a 422, got {err}")
+    };
+    assert_eq!((status.code, status.reason.as_str()), (422, "Invalid"));
+    for field in [
+        "spec.backend.port",
+        "spec.headers.forwardedFor",
+        "spec.keepAlive.minInterval",
+        "spec.limits.maxMessageBytes",
+    ] {
+        assert!(
+            status.message.contains(field),
+            "{field} missing from: {}",
+            status.message
+        );
     }
+    // Unknown fields are pruned, not refused (structural schema), and defaults are applied.
+    let pruned: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "wsgate.io/v1alpha1", "kind": "WebSocketRoute",
+        "metadata": {"name": "pruned", "namespace": NS},
+        "spec": {"backend": {"port": 8080, "colour": "red"}, "keepAlive": {}}
+    }))
+    .expect("json");
+    let stored = api.create(&PostParams::default(), &pruned).await.expect("accepted");
+    assert_eq!(stored.data["spec"]["backend"], json!({"port": 8080}));
+    assert_eq!(stored.data["spec"]["keepAlive"]["minInterval"], "1s");
+    api.delete("pruned", &DeleteParams::default()).await.expect("delete");
 }
 
 async fn missing_service_resolves_when_it_appears(cluster: &Cluster) {
@@ -606,9 +629,14 @@ async fn leadership_fails_over_and_only_the_leader_writes() {
         0,
         "the follower writes nothing"
     );
-    assert!(
-        second.metrics.snapshot().reconciles > 0,
-        "the follower reconciles (without writing)"
+    eventually("the follower reconciles (without writing)", || async {
+        second.metrics.snapshot().reconciles > 0
+    })
+    .await;
+    assert_eq!(
+        second.metrics.snapshot().status_writes,
+        0,
+        "the follower writes nothing"
     );
 
     first.stop().await;
@@ -633,13 +661,15 @@ async fn leadership_fails_over_and_only_the_leader_writes() {
 }
 
 #[tokio::test]
-async fn a_crashed_leader_is_replaced_after_the_lease_expires() {
+async fn a_partitioned_leader_steps_down_and_is_replaced_after_the_lease_expires() {
     let cluster = Cluster::start().await;
-    let mut first = RunningController::start(cluster.client.clone(), "ctl-a").await;
+    let (client, cut) = cluster.fake.partitionable_client().await;
+    let mut first = RunningController::start(client, "ctl-a").await;
     first.wait_leader(true).await;
     let mut second = RunningController::start(cluster.client.clone(), "ctl-b").await;
-    // No release: the task is aborted mid-flight, like a killed pod.
-    first.task.abort();
+    // No release: the leader's requests stop arriving, like a crashed or partitioned pod.
+    cut.cancel();
+    first.wait_leader(false).await;
     second.wait_leader(true).await;
     cluster
         .create_route("after-crash", json!({"backend": {"port": 1}}))

@@ -1,6 +1,8 @@
 //! Interop with the published GRIP libraries: backends written with Python `gripcontrol` (PyPI)
 //! and npm `@fanoutio/serve-grip` + `@fanoutio/grip`, run as real processes behind an
-//! in-process gateway, with a tokio-tungstenite client in front.
+//! in-process gateway, with a tokio-tungstenite client in front; and the libraries' publishers
+//! (`GripPubControl`, `Publisher`) publishing through the gateway's publish API, with and without
+//! its authentication.
 //!
 //! The libraries are installed by `scripts/test`, which exports where they are:
 //! `WSGATE_PYTHON` (a Python with `gripcontrol`), `WSGATE_NODE` (node, default `node`) and
@@ -157,15 +159,25 @@ impl ExternalBackend {
     /// Has the backend publish `text` to `channel` through the gateway's publish API, with
     /// the library's publisher (`GripPubControl` / `Publisher`).
     async fn publish(&self, control_uri: &str, channel: &str, text: &str) {
-        let path = format!("/publish?control_uri={control_uri}&channel={channel}&text={text}");
+        let (ok, error) = self.try_publish(control_uri, channel, text, &[]).await;
+        assert!(ok, "{:?} library publish failed: {error}", self.lang);
+    }
+
+    /// Like [`Self::publish`] with extra publisher settings (`iss`, `key`); returns whether the
+    /// library reported success, and its error text.
+    async fn try_publish(
+        &self,
+        control_uri: &str,
+        channel: &str,
+        text: &str,
+        extra: &[(&str, &str)],
+    ) -> (bool, String) {
+        let mut path = format!("/publish?control_uri={control_uri}&channel={channel}&text={text}");
+        for (name, value) in extra {
+            path.push_str(&format!("&{name}={value}"));
+        }
         let (status, _, body) = http_request(self.addr, "POST", &path, &[], b"").await;
-        assert_eq!(
-            status,
-            200,
-            "{:?} library publish failed: {}",
-            self.lang,
-            String::from_utf8_lossy(&body)
-        );
+        (status == 200, String::from_utf8_lossy(&body).into_owned())
     }
 }
 
@@ -344,4 +356,99 @@ async fn python_grippubcontrol_publish_reaches_the_subscribed_client() {
 #[tokio::test]
 async fn node_publisher_publish_reaches_the_subscribed_client() {
     library_publish_reaches_subscriber(Lang::Node).await;
+}
+
+/// A second admin listener on the test gateway's registry that requires `auth`.
+async fn admin_with_auth(gw: &TestGateway, auth: wsgate::admin::auth::Auth) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
+    let addr = listener.local_addr().expect("admin addr");
+    let state = std::sync::Arc::new(wsgate::admin::AdminState {
+        gateway: gw.gw.clone(),
+        listening: true.into(),
+        reload: None,
+        hub: wsgate::grip::Hub::new(gw.gw.registry.clone()),
+        auth: Some(auth),
+        max_publish_body: wsgate::admin::publish::DEFAULT_MAX_PUBLISH_BODY,
+        control: None,
+    });
+    // Stops with the test's runtime.
+    tokio::spawn(wsgate::admin::run(
+        listener,
+        state,
+        tokio_util::sync::CancellationToken::new(),
+    ));
+    format!("http://{addr}")
+}
+
+/// The publish API with `--publish-jwt-key`: the library's publisher configured with
+/// `control_iss` and `key` signs a JWT the gateway accepts; with another key it is refused.
+async fn library_publish_with_jwt_auth(lang: Lang) {
+    const PUBLISH_KEY: &str = "publish-key-for-the-interop-tests-0123";
+    let Some(backend) = ExternalBackend::start(lang, KEY).await else {
+        return;
+    };
+    let gw = gateway(&backend.url(), KEY).await;
+    let auth = wsgate::admin::auth::Auth::from_flags(None, Some(PUBLISH_KEY.to_owned()))
+        .expect("valid key")
+        .expect("auth on");
+    let control_uri = admin_with_auth(&gw, auth).await;
+    let mut c = gw.connect("/").await;
+    c.send_text("ready").await;
+    c.expect_text("ready").await;
+
+    let (ok, error) = backend
+        .try_publish(
+            &control_uri,
+            "room",
+            "forged",
+            &[("iss", "app"), ("key", "not-the-publish-key-0123456789abcdef")],
+        )
+        .await;
+    assert!(!ok, "a JWT signed with another key must be refused");
+    assert!(error.contains("401"), "the library reports the 401: {error}");
+    let (ok, error) = backend
+        .try_publish(&control_uri, "room", "signed", &[("iss", "app"), ("key", PUBLISH_KEY)])
+        .await;
+    assert!(ok, "{lang:?} library publish with a JWT failed: {error}");
+    // The refused publish delivered nothing: the first message is the signed one.
+    c.expect_text("signed").await;
+}
+
+/// The publish API with `--admin-token`: npm `Publisher` with `key` and no `control_iss` sends
+/// `Authorization: Bearer <key>`, which the gateway compares with its token.
+#[tokio::test]
+async fn node_publisher_bearer_key_meets_admin_token() {
+    let Some(backend) = ExternalBackend::start(Lang::Node, KEY).await else {
+        return;
+    };
+    let gw = gateway(&backend.url(), KEY).await;
+    let auth = wsgate::admin::auth::Auth::from_flags(Some("admin-token-42".to_owned()), None)
+        .expect("valid token")
+        .expect("auth on");
+    let control_uri = admin_with_auth(&gw, auth).await;
+    let mut c = gw.connect("/").await;
+    c.send_text("ready").await;
+    c.expect_text("ready").await;
+    let (ok, error) = backend
+        .try_publish(&control_uri, "room", "wrong", &[("key", "admin-token-41")])
+        .await;
+    assert!(
+        !ok && error.contains("401"),
+        "a wrong bearer token must be refused: {error}"
+    );
+    let (ok, error) = backend
+        .try_publish(&control_uri, "room", "right", &[("key", "admin-token-42")])
+        .await;
+    assert!(ok, "publish with the admin token failed: {error}");
+    c.expect_text("right").await;
+}
+
+#[tokio::test]
+async fn python_grippubcontrol_jwt_meets_publish_jwt_key() {
+    library_publish_with_jwt_auth(Lang::Python).await;
+}
+
+#[tokio::test]
+async fn node_publisher_jwt_meets_publish_jwt_key() {
+    library_publish_with_jwt_auth(Lang::Node).await;
 }

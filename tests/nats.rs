@@ -303,6 +303,11 @@ async fn connection_api_reaches_connections_on_other_replicas() {
     .await;
     assert_eq!(status, 200, "{body:?}");
     assert_eq!(a1.expect_close().await, (4000, "bye".to_owned()));
+    // Polling again sends the client's close reply, so A ends the connection without waiting.
+    let end = tokio::time::timeout(DEADLINE, a1.ws.next())
+        .await
+        .expect("connection ends");
+    assert!(matches!(end, None | Some(Err(_))), "{end:?}");
 
     let reg = a.tg.gw.registry.clone();
     let gone = id.clone();

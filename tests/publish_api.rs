@@ -193,6 +193,7 @@ async fn admin_with_auth(gw: &TestGateway, auth: Auth) -> (SocketAddr, Cancellat
         hub: wsgate::grip::Hub::new(gw.gw.registry.clone()),
         auth: Some(auth),
         max_publish_body: wsgate::admin::publish::DEFAULT_MAX_PUBLISH_BODY,
+        control: None,
     });
     let stop = CancellationToken::new();
     tokio::spawn(wsgate::admin::run(listener, state, stop.clone()));

@@ -35,9 +35,25 @@ pub struct AdminState {
     /// Largest publish / connection-API request body in bytes
     /// ([`publish::DEFAULT_MAX_PUBLISH_BODY`] by default).
     pub max_publish_body: usize,
+    /// Control-API client status, when routes come from the controller.
+    pub control: Option<Arc<crate::config::control::ControlStatus>>,
 }
 
 impl AdminState {
+    /// Admin state for a gateway with defaults: not yet listening, no reload or control
+    /// status, a local hub, no auth, the default publish body limit.
+    pub fn new(gateway: Arc<Gateway>) -> Self {
+        Self {
+            hub: crate::grip::Hub::new(gateway.registry.clone()),
+            gateway,
+            listening: AtomicBool::new(false),
+            reload: None,
+            auth: None,
+            max_publish_body: publish::DEFAULT_MAX_PUBLISH_BODY,
+            control: None,
+        }
+    }
+
     /// Why the gateway is not ready, or `None` when it is.
     pub fn not_ready_reason(&self) -> Option<&'static str> {
         if self.gateway.draining.load(Ordering::SeqCst) {
@@ -45,6 +61,11 @@ impl AdminState {
         }
         if !self.listening.load(Ordering::SeqCst) {
             return Some("listener not bound");
+        }
+        // Routes from the controller: ready once the first snapshot arrived. Afterwards the
+        // gateway stays ready on its last good snapshot while the controller is away.
+        if self.control.as_ref().is_some_and(|c| !c.is_synced()) {
+            return Some("waiting for the first route snapshot from the controller");
         }
         None
     }
@@ -87,6 +108,13 @@ async fn route(st: &AdminState, req: Request<Incoming>) -> Response<ResponseBody
                 text_response(StatusCode::OK, format!("ready (routes version {version})\n"))
             }
             Some(r) => text_response(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {r}\n")),
+        },
+        (&Method::GET, "/metrics") => crate::metrics::response(&st.gateway, req.headers()),
+        (_, "/metrics") => crate::metrics::method_not_allowed(),
+        (&Method::GET, "/log-level") => crate::telemetry::get_log_level(),
+        (&Method::PUT, "/log-level") => match publish::authenticate(st, req.headers()) {
+            Ok(()) => crate::telemetry::put_log_level(req).await,
+            Err(refusal) => refusal.into_response(),
         },
         (_, "/publish" | "/publish/") => publish::handle(st, req).await,
         (_, path) if path.starts_with(connections::PREFIX) => connections::handle(st, req).await,

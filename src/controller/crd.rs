@@ -2,8 +2,8 @@
 //! `CustomResourceDefinition`.
 //!
 //! The spec *is* the routes-file model: [`WebSocketRouteSpec`] flattens a
-//! [`RouteSpec`](crate::config::RouteSpec) (which already carries `workloadSelector`), and the
-//! CRD's `spec` schema is [`route_spec_schema`](crate::config::route_spec_schema), so a route
+//! [`RouteSpec`] (which already carries `workloadSelector`), and the
+//! CRD's `spec` schema is [`route_spec_schema`], so a route
 //! file entry and a `WebSocketRoute` spec are checked by the same rules. The status schema is
 //! written here by hand so its list-map markers are exact.
 //!
@@ -142,8 +142,8 @@ fn status_schema() -> Json {
     })
 }
 
-/// The `openAPIV3Schema` of the CRD: `spec` from the route model, `status` from
-/// [`status_schema`].
+/// The `openAPIV3Schema` of the CRD: `spec` from the route model, `status` written here (with
+/// `conditions` as a list map keyed by `type`).
 pub fn open_api_schema() -> Json {
     let mut spec = route_spec_schema();
     if let Json::Object(map) = &mut spec {

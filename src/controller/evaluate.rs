@@ -125,13 +125,16 @@ pub struct SecretTarget {
     pub key: String,
 }
 
+/// A (host pattern or any host, path prefix) pair a route serves.
+pub type Claim = (Option<HostMatch>, String);
+
 /// What a valid spec needs and claims.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Validated {
     /// Where the route applies.
     pub scope: Scope,
     /// (host pattern or any host, path prefix) pairs it serves.
-    pub claims: Vec<(Option<HostMatch>, String)>,
+    pub claims: Vec<Claim>,
     /// The backend Service, if it uses one.
     pub service: Option<ServiceTarget>,
     /// Secret keys it reads.
@@ -224,7 +227,7 @@ impl Validator {
             };
             created.then_with(|| a.key.cmp(&b.key))
         });
-        let mut claimed: HashMap<(Option<HostMatch>, String), Vec<(usize, Arc<Validated>)>> = HashMap::new();
+        let mut claimed: HashMap<Claim, Vec<(usize, Arc<Validated>)>> = HashMap::new();
         let mut verdicts = BTreeMap::new();
         for index in order {
             let route = &routes[index];
@@ -266,7 +269,7 @@ impl Validator {
     }
 }
 
-fn describe_claim((host, prefix): &(Option<HostMatch>, String)) -> String {
+fn describe_claim((host, prefix): &Claim) -> String {
     match host {
         Some(host) => format!("host {:?} with path prefix {prefix:?}", host.to_string()),
         None => format!("any host with path prefix {prefix:?}"),

@@ -10,7 +10,7 @@
 //! - [`reconcile`]: the kube-rs `Controller`, status by server-side apply, Events.
 //! - [`leader`]: Lease-based leader election.
 //! - [`api`]: the control API server (TokenReview auth, long poll).
-//! - [`metrics`]: counters.
+//! - [`metrics`]: the counters.
 //!
 //! Kubernetes types stop here: gateways receive [`RouteSpec`]s in snapshots and compile them
 //! like a routes file.
@@ -38,6 +38,7 @@ pub mod leader;
 pub mod metrics;
 pub mod reconcile;
 pub mod snapshot;
+pub mod webhook;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -150,7 +151,11 @@ impl ControlPlane {
 
     /// Runs until `cancel` fires: then stops reconciling, releases the Lease if held, and
     /// closes the control API (open polls end; gateways keep their routes and retry).
+    ///
+    /// Dropping the future stops every task it started (nothing is left detached).
     pub async fn run(self, listener: TcpListener, cancel: CancellationToken) {
+        let cancel = cancel.child_token();
+        let _stop_tasks_on_drop = cancel.clone().drop_guard();
         let (all_tx, all_rx) = mpsc::channel(1);
         let (one_tx, one_rx) = mpsc::channel(1024);
         let triggers = Triggers {
@@ -187,16 +192,12 @@ impl ControlPlane {
         // Snapshot compiler: rebuild on every change of the caches, once they have synced.
         let routes = wiring.routes.clone();
         let mut world = wiring.world.subscribe();
+        let mut synced = wiring.synced.subscribe();
         let compiled = self.compiled.clone();
         let stop = cancel.clone();
         tasks.spawn(async move {
-            let synced = async {
-                routes.wait_until_ready().await.is_ok()
-                    && lookup.services.wait_until_ready().await.is_ok()
-                    && lookup.secrets.wait_until_ready().await.is_ok()
-            };
             let synced = tokio::select! {
-                s = synced => s,
+                s = synced.wait_for(|bits| *bits == reconcile::SYNCED_ALL) => s.is_ok(),
                 () = stop.cancelled() => return,
             };
             if !synced {

@@ -295,6 +295,15 @@ fn receiver_stream<T: Send + 'static>(rx: mpsc::Receiver<T>) -> impl Stream<Item
     futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) })
 }
 
+/// [`Wiring::synced`] bit of the route cache.
+pub(crate) const SYNCED_ROUTES: u8 = 1;
+/// [`Wiring::synced`] bit of the Service cache.
+pub(crate) const SYNCED_SERVICES: u8 = 2;
+/// [`Wiring::synced`] bit of the Secret cache.
+pub(crate) const SYNCED_SECRETS: u8 = 4;
+/// All caches synced.
+pub(crate) const SYNCED_ALL: u8 = SYNCED_ROUTES | SYNCED_SERVICES | SYNCED_SECRETS;
+
 /// Signature of a route as far as other routes and snapshots care (status writes don't change it).
 type RouteSignature = (Option<String>, Option<i64>, bool);
 
@@ -313,6 +322,10 @@ pub(crate) struct Wiring {
     pub(crate) services: Store<Service>,
     pub(crate) secrets: Store<Secret>,
     pub(crate) world: watch::Sender<u64>,
+    /// Bits of the caches that have listed once: [`SYNCED_ROUTES`] | [`SYNCED_SERVICES`] |
+    /// [`SYNCED_SECRETS`]. (`Store::wait_until_ready` wakes only one waiter, and the
+    /// `Controller` is already waiting on the route store.)
+    pub(crate) synced: watch::Sender<u8>,
     pub(crate) all_rx: mpsc::Receiver<()>,
     pub(crate) all_tx: mpsc::Sender<()>,
     pub(crate) one_rx: mpsc::Receiver<ObjectRef<WebSocketRoute>>,
@@ -336,6 +349,7 @@ impl Wiring {
             services,
             secrets,
             world: watch::Sender::new(0),
+            synced: watch::Sender::new(0),
             all_tx: all.0,
             all_rx: all.1,
             one_rx,
@@ -350,6 +364,7 @@ impl Wiring {
     pub(crate) fn run(self, ctx: Arc<Context>) -> impl std::future::Future<Output = ()> + Send {
         let wc = watcher::Config::default();
         let world = self.world.clone();
+        let synced = self.synced.clone();
         let all_tx = self.all_tx.clone();
         let mut seen: HashMap<RouteKey, RouteSignature> = HashMap::new();
         let mut listing: Option<HashMap<RouteKey, RouteSignature>> = None;
@@ -371,6 +386,7 @@ impl Wiring {
                     Ok(WatchEvent::InitDone) => {
                         // A relist may hide deletions: recheck everything.
                         seen = listing.take().unwrap_or_default();
+                        synced.send_modify(|bits| *bits |= SYNCED_ROUTES);
                         true
                     }
                     Ok(WatchEvent::Apply(route)) => {
@@ -393,12 +409,12 @@ impl Wiring {
         let services = watcher::watcher(Api::<Service>::all(self.client.clone()), wc.clone())
             .default_backoff()
             .reflect(self.service_writer)
-            .inspect(bump_on_change(self.world.clone()))
+            .inspect(bump_on_change(self.world.clone(), self.synced.clone(), SYNCED_SERVICES))
             .touched_objects();
         let secrets = watcher::watcher(Api::<Secret>::all(self.client.clone()), wc)
             .default_backoff()
             .reflect(self.secret_writer)
-            .inspect(bump_on_change(self.world.clone()))
+            .inspect(bump_on_change(self.world.clone(), self.synced.clone(), SYNCED_SECRETS))
             .touched_objects();
         let by_service = self.routes.clone();
         let by_secret = self.routes.clone();
@@ -434,9 +450,17 @@ impl Wiring {
     }
 }
 
-/// Signals `world` on every change of a cache (and when a relist completes).
-fn bump_on_change<K>(world: watch::Sender<u64>) -> impl FnMut(&watcher::Result<WatchEvent<K>>) {
+/// Signals `world` on every change of a cache (and when a relist completes), and sets `bit` in
+/// `synced` once it has listed.
+fn bump_on_change<K>(
+    world: watch::Sender<u64>,
+    synced: watch::Sender<u8>,
+    bit: u8,
+) -> impl FnMut(&watcher::Result<WatchEvent<K>>) {
     move |event| {
+        if matches!(event, Ok(WatchEvent::InitDone)) {
+            synced.send_modify(|bits| *bits |= bit);
+        }
         if matches!(
             event,
             Ok(WatchEvent::Apply(_) | WatchEvent::Delete(_) | WatchEvent::InitDone)

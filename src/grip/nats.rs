@@ -11,10 +11,11 @@
 //! | `wsgate.ch.<token>` | publishes to one channel |
 //! | `wsgate.chx.<sha256-hex>` | publishes to a channel whose name is longer than 512 bytes |
 //! | `wsgate.conn.<token>` | connection-API requests for one connection id (request/reply) |
+//! | `wsgate.sync.<replica-id>` | round trips of [`NatsBridge::sync`] (nobody subscribes; the server answers "no responders") |
 //!
 //! Channel names may contain bytes a NATS subject cannot (`.`, `*`, `>`, whitespace), so a
-//! subject carries `<token>` = the name in unpadded base64url (RFC 4648 section 5: `A-Z a-z 0-9
-//! - _`, all valid in a subject token). Names over [`MAX_PLAIN_CHANNEL_BYTES`] use the SHA-256 of
+//! subject carries `<token>` = the name in unpadded base64url (RFC 4648 section 5: letters,
+//! digits, `-` and `_`, all valid in a subject token). Names over [`MAX_PLAIN_CHANNEL_BYTES`] use the SHA-256 of
 //! the name instead, which keeps subjects short; the channel name inside the payload is checked
 //! on receipt, so neither a hash collision nor a foreign publisher can misdeliver.
 //!
@@ -79,6 +80,13 @@ use crate::protocol::publish::{Item, WsMessageAction, parse_publish};
 
 /// Header naming the replica that published a channel message.
 pub const ORIGIN_HEADER: &str = "Wsgate-Origin";
+
+/// The type of `Gateway::on_channel`: called with a channel and `true` when it gains its first
+/// local subscriber, `false` when it loses its last.
+pub type ChannelHook = Arc<dyn Fn(&str, bool) + Send + Sync>;
+
+/// Longest wait of [`NatsBridge::sync`] for the server.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Channel names up to this many bytes are carried in subjects as base64url; longer ones as a
 /// SHA-256 hash.
@@ -658,7 +666,7 @@ impl NatsBridge {
     }
 
     /// The callback for `Gateway::on_channel`. It never blocks.
-    pub fn channel_hook(&self) -> Arc<dyn Fn(&str, bool) + Send + Sync> {
+    pub fn channel_hook(&self) -> ChannelHook {
         let wanted = self.inner.wanted.clone();
         Arc::new(move |channel: &str, first: bool| wanted.record(channel, first))
     }
@@ -768,8 +776,8 @@ impl NatsBridge {
     }
 
     /// Waits until every subscription change reported through the hook so far is applied and
-    /// acknowledged by the NATS server (a PING/PONG round trip), bounded by the connection
-    /// timeout. For tests and orderly hand-offs.
+    /// acknowledged by the NATS server (a request round trip on this connection), bounded by
+    /// five seconds. For tests and orderly hand-offs.
     ///
     /// # Errors
     ///
@@ -821,11 +829,11 @@ impl Manager {
             tokio::select! {
                 biased;
                 () = self.stop.cancelled() => break,
-                () = self.wanted.notify.notified() => self.apply().await,
                 Some(done) = sync_rx.recv() => {
                     self.apply().await;
-                    let _ = done.send(self.flush().await);
+                    let _ = done.send(self.round_trip().await);
                 }
+                () = self.wanted.notify.notified() => self.apply().await,
             }
         }
         for (_, sub) in self.subs.drain() {
@@ -833,14 +841,22 @@ impl Manager {
         }
     }
 
-    async fn flush(&self) -> Result<(), NatsError> {
+    /// A round trip through the server after everything queued so far. async-nats' `flush`
+    /// only writes the socket, so this sends a request to a subject nobody subscribes to: the
+    /// server answers "no responders" only after it has processed the earlier SUBs and UNSUBs.
+    async fn round_trip(&self) -> Result<(), NatsError> {
         if self.client.connection_state() != async_nats::connection::State::Connected {
             return Err(NatsError::Sync("not connected"));
         }
-        match tokio::time::timeout(Duration::from_secs(5), self.client.flush()).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(NatsError::Sync("flush failed")),
-            Err(_) => Err(NatsError::Sync("no answer from the server in time")),
+        let subject = format!("{}.sync.{}", self.prefix, self.shared.replica_id);
+        let request = Request::new().payload(Bytes::new()).timeout(Some(SYNC_TIMEOUT));
+        match self.client.send_request(subject, request).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(()),
+            Err(e) if e.kind() == async_nats::RequestErrorKind::TimedOut => {
+                Err(NatsError::Sync("no answer from the server in time"))
+            }
+            Err(_) => Err(NatsError::Sync("request failed")),
         }
     }
 

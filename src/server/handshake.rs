@@ -17,6 +17,7 @@ use super::{Gateway, ResponseBody, discard, text_response};
 use crate::config::Route;
 use crate::protocol::frame;
 use crate::session::{Action, ClientInput, Session, SessionConfig};
+use crate::telemetry::{ConnectionSpans, HandshakeOutcome};
 use crate::transport::backend::{ClientInfo, RequestTemplate, full_body};
 use crate::transport::client::{self, BackendLimits, Connection};
 
@@ -95,9 +96,11 @@ pub(super) async fn handle(
             .insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
         return r;
     }
+    let mut spans = ConnectionSpans::start(&route.name, req.headers());
     // Connection limits: global, then per route.
     let Ok(permit) = gw.conn_limit.clone().try_acquire_owned() else {
         gw.stats.handshakes_over_limit.fetch_add(1, Ordering::Relaxed);
+        spans.finish_handshake(HandshakeOutcome::OverLimit, StatusCode::SERVICE_UNAVAILABLE);
         return text_response(StatusCode::SERVICE_UNAVAILABLE, "connection limit reached\n");
     };
     let route_count = gw.route_counter(&route.name);
@@ -110,11 +113,13 @@ pub(super) async fn handle(
     };
     if route.limits.max_connections.is_some_and(|max| n > max) {
         gw.stats.handshakes_over_limit.fetch_add(1, Ordering::Relaxed);
+        spans.finish_handshake(HandshakeOutcome::OverLimit, StatusCode::SERVICE_UNAVAILABLE);
         return text_response(StatusCode::SERVICE_UNAVAILABLE, "route connection limit reached\n");
     }
     let path_and_query = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned();
     let conn_id = uuid::Uuid::new_v4();
     let id = conn_id.hyphenated().to_string();
+    spans.set_connection_id(&id);
     let template = match RequestTemplate::new(
         route.clone(),
         &prefix,
@@ -155,6 +160,8 @@ pub(super) async fn handle(
         close_pacing: gw.settings.close_pacing,
         table: Some(gw.table.clone()),
         table_version,
+        metrics: gw.metrics.route(&route.name),
+        span: spans.handshake.clone(),
     };
     let (tx, rx) = oneshot::channel();
     let accept_key = frame::accept_key(key.as_bytes());
@@ -163,7 +170,7 @@ pub(super) async fn handle(
     // DISCONNECT sent once the OPEN completes.
     gw.tracker.spawn(async move {
         let _slots = slots;
-        connection_task(gw2, conn, tx, on_upgrade, accept_key, id).await;
+        connection_task(gw2, conn, tx, on_upgrade, accept_key, id, spans).await;
     });
     match rx.await {
         Ok(resp) => resp,
@@ -178,6 +185,7 @@ async fn connection_task(
     on_upgrade: hyper::upgrade::OnUpgrade,
     accept_key: String,
     id: String,
+    mut spans: ConnectionSpans,
 ) {
     let started = std::time::Instant::now();
     // Run the OPEN exchange (with OPEN retries on keep-alive) until accepted or refused.
@@ -207,8 +215,10 @@ async fn connection_task(
                 *r.headers_mut() = headers;
                 if status == StatusCode::BAD_GATEWAY || status == StatusCode::GATEWAY_TIMEOUT {
                     gw.stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+                    spans.finish_handshake(HandshakeOutcome::Failed, status);
                 } else {
                     gw.stats.handshakes_rejected.fetch_add(1, Ordering::Relaxed);
+                    spans.finish_handshake(HandshakeOutcome::Rejected, status);
                 }
                 break Err(r);
             }
@@ -232,12 +242,17 @@ async fn connection_task(
     let response = match response {
         Ok(r) => r,
         Err(r) => {
+            // No-op when the rejection was already recorded.
+            spans.finish_handshake(HandshakeOutcome::Failed, r.status());
             let _ = tx.send(r);
             gw.registry.unregister(&conn.handle);
             return;
         }
     };
+    // Later backend requests are children of the connection span.
+    conn.span = spans.connection.clone();
     if tx.send(response).is_err() {
+        spans.finish_handshake(HandshakeOutcome::ClientGone, StatusCode::SWITCHING_PROTOCOLS);
         // The client left before its 101: the backend learns with DISCONNECT.
         conn.session.handle_client(ClientInput::Gone, super::now_std());
         drive_without_client(&mut conn).await;
@@ -245,6 +260,7 @@ async fn connection_task(
         return;
     }
     gw.stats.handshakes_accepted.fetch_add(1, Ordering::Relaxed);
+    spans.finish_handshake(HandshakeOutcome::Accepted, StatusCode::SWITCHING_PROTOCOLS);
     let io = match on_upgrade.await {
         Ok(upgraded) => match upgraded.downcast::<TokioIo<TcpStream>>() {
             Ok(parts) => Some((parts.io.into_inner(), parts.read_buf)),
@@ -267,6 +283,7 @@ async fn connection_task(
     gw.stats
         .backend_messages
         .fetch_add(summary.backend_messages, Ordering::Relaxed);
+    spans.finish_connection(summary.close_code, summary.client_messages, summary.backend_messages);
     tracing::info!(
         conn_id = %id,
         route = %route,

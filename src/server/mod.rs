@@ -96,6 +96,8 @@ pub struct Gateway {
     pub settings: GatewaySettings,
     /// Counters.
     pub stats: GatewayStats,
+    /// Per-route metric handles and scrape-time sources (`GET /metrics`).
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// Fired to close open connections (after the drain period).
     pub close_connections: CancellationToken,
     /// Tracks connection tasks for shutdown.
@@ -126,6 +128,7 @@ impl Gateway {
             conn_limit: Arc::new(Semaphore::new(settings.max_connections)),
             settings,
             stats: GatewayStats::default(),
+            metrics: Arc::new(crate::metrics::Metrics::new()),
             close_connections: CancellationToken::new(),
             tracker: TaskTracker::new(),
             draining: AtomicBool::new(false),
@@ -139,6 +142,13 @@ impl Gateway {
         // Poisoning cannot leave the map inconsistent (single insert).
         let mut m = self.route_conns.lock().unwrap_or_else(|e| e.into_inner());
         m.entry(route.to_owned()).or_default().clone()
+    }
+
+    /// Connections counted per route name (open WebSocket connections, handshakes in
+    /// progress included), for the `wsgate_open_connections` gauge.
+    pub fn route_connections(&self) -> Vec<(String, usize)> {
+        let m = self.route_conns.lock().unwrap_or_else(|e| e.into_inner());
+        m.iter().map(|(k, v)| (k.clone(), v.load(Ordering::Relaxed))).collect()
     }
 
     /// Drains: waits `drain_period` serving connections, then closes them with 1001 (paced),

@@ -31,6 +31,7 @@ pub(super) async fn handle(
         Ok(t) => t,
         Err(e) => return text_response(StatusCode::BAD_REQUEST, format!("{e}\n")),
     };
+    let span = crate::telemetry::proxy_span(&route.name, req.method(), req.uri(), req.headers());
     let (parts, body) = req.into_parts();
     let mut out = Request::new(
         body.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
@@ -38,6 +39,7 @@ pub(super) async fn handle(
     );
     *out.method_mut() = parts.method;
     *out.headers_mut() = template.headers();
+    crate::telemetry::inject(&span, out.headers_mut());
     *out.uri_mut() = template.uri;
     *out.version_mut() = http::Version::HTTP_11;
     let client = gw.pool.client_for(&route);
@@ -45,11 +47,16 @@ pub(super) async fn handle(
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
             tracing::debug!(cause = %error_chain(&e), "pass-through request failed");
+            crate::telemetry::record_proxy_status(&span, StatusCode::BAD_GATEWAY, Some("failed"));
             return text_response(StatusCode::BAD_GATEWAY, "backend unavailable\n");
         }
-        Err(_) => return text_response(StatusCode::GATEWAY_TIMEOUT, "backend timed out\n"),
+        Err(_) => {
+            crate::telemetry::record_proxy_status(&span, StatusCode::GATEWAY_TIMEOUT, Some("timeout"));
+            return text_response(StatusCode::GATEWAY_TIMEOUT, "backend timed out\n");
+        }
     };
     let (mut parts, body) = resp.into_parts();
+    crate::telemetry::record_proxy_status(&span, parts.status, None);
     let listed: Vec<http::HeaderName> = parts
         .headers
         .get_all(http::header::CONNECTION)

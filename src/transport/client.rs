@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::backend::{self, ProxyBody, RequestTemplate};
 use crate::grip::{ConnHandle, ConnInfo, Delivery, Registry};
+use crate::metrics::Direction;
 use crate::protocol::frame::{self, CloseFrame, FrameDecoder, Message};
 use crate::session::{Action, BackendError, BackendResponse, ClientInput, Session};
 use hyper_util::client::legacy::Client;
@@ -68,6 +69,11 @@ pub struct Connection {
     pub table: Option<Arc<arc_swap::ArcSwap<crate::config::RouteTable>>>,
     /// Version of the table the template's route came from.
     pub table_version: u64,
+    /// Counters of the connection's route (messages, bytes, backend requests).
+    pub metrics: Arc<crate::metrics::RouteMetrics>,
+    /// Parent of the `backend.request` spans: the handshake span during the OPEN exchange,
+    /// the connection span afterwards (disabled when tracing is off).
+    pub span: tracing::Span,
 }
 
 impl Connection {
@@ -115,18 +121,30 @@ pub fn start_request(
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let request = conn.template.build(req, now_unix);
+    conn.metrics.record_request_sent(req);
+    let span = if crate::telemetry::is_enabled() {
+        crate::telemetry::backend_span(&conn.span, req, &conn.template.uri)
+    } else {
+        tracing::Span::none()
+    };
+    // Built inside the request's span: the builder injects its `traceparent`.
+    let request = span.in_scope(|| conn.template.build(req, now_unix));
     let client = conn.client.clone();
     let limits = conn.limits.clone();
+    let metrics = conn.metrics.clone();
     Box::pin(async move {
-        backend::send_events(
+        let started = TokioInstant::now();
+        let res = backend::send_events(
             &client,
             request,
             limits.timeout,
             limits.max_body,
             limits.max_reject_body,
         )
-        .await
+        .await;
+        let trace_id = crate::telemetry::record_backend_result(&span, &res);
+        metrics.record_backend(started.elapsed(), &res, trace_id);
+        res
     })
 }
 
@@ -265,6 +283,9 @@ impl Driver {
             }
             match self.decoder.decode(&mut self.rbuf) {
                 Ok(Some(msg)) => {
+                    if let Message::Text(b) | Message::Binary(b) = &msg {
+                        self.conn.metrics.record_message(Direction::ClientToBackend, b.len());
+                    }
                     if matches!(msg, Message::Close(_)) {
                         self.reading = false;
                     }
@@ -340,6 +361,9 @@ impl Driver {
                     self.inflight = Some(start_request(&self.conn, &req));
                 }
                 Action::SendClient(msg) => {
+                    if let Message::Text(b) | Message::Binary(b) = &msg {
+                        self.conn.metrics.record_message(Direction::BackendToClient, b.len());
+                    }
                     if let Message::Close(Some(f)) = &msg {
                         self.summary.close_code = Some(f.code);
                     } else if let Message::Close(None) = &msg {

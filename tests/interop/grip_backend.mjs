@@ -17,8 +17,9 @@
 // own `req.grip.isSigned` is not used: serve-grip 2.0.0 passes the promise returned by the async
 // `validateSig` to `Array.prototype.some`, so it reports any signature as valid.
 //
-// GET /log[?until=TYPE&timeout=SECONDS] and POST /publish?control_uri=&channel=&text= as in
-// grip_backend.py.
+// GET /log[?until=TYPE&timeout=SECONDS] and POST /publish?control_uri=&channel=&text=[&iss=][&key=]
+// as in grip_backend.py (`Publisher` with `control_iss` and `key` sends a JWT; with `key` alone it
+// sends the key itself as the bearer token).
 
 import http from 'node:http';
 import path from 'node:path';
@@ -92,10 +93,13 @@ function reply(res, status, body, headers = {}) {
 
 async function publish(res, query) {
   try {
-    const publisher = new Publisher({ control_uri: query.get('control_uri') });
+    const config = { control_uri: query.get('control_uri') };
+    if (query.has('iss')) config.control_iss = query.get('iss');
+    if (query.has('key')) config.key = query.get('key');
+    const publisher = new Publisher(config);
     await publisher.publishFormats(query.get('channel'), new WebSocketMessageFormat(query.get('text')));
   } catch (e) {
-    reply(res, 500, `publish failed: ${e}\n`);
+    reply(res, 500, `publish failed: ${e?.message ?? ''} ${JSON.stringify(e)}\n`);
     return;
   }
   reply(res, 200, 'published\n');

@@ -19,10 +19,10 @@ connection id, the `Meta-*` headers, `sig_present`, `sig_valid` (null when GRIP_
 and the decoded events. `GET /log?until=TYPE` waits (up to `timeout` seconds, default 10) until
 an event of that type has been recorded, so the test needs no polling.
 
-`POST /publish?control_uri=URI&channel=NAME&text=MESSAGE` publishes a text message to the GRIP
-control URI (the gateway's admin listener) with `GripPubControl.publish` and a
-`WebSocketMessageFormat`, as an application would; answers 200 `published` or 500 with the
-error.
+`POST /publish?control_uri=URI&channel=NAME&text=MESSAGE[&iss=ISS][&key=KEY]` publishes a text
+message to the GRIP control URI (the gateway's admin listener) with `GripPubControl.publish` and
+a `WebSocketMessageFormat`, as an application would (with `iss` and `key`, the library signs a
+JWT for `Authorization: Bearer`); answers 200 `published` or 500 with the library's error.
 """
 
 import json
@@ -180,7 +180,12 @@ class Handler(BaseHTTPRequestHandler):
         from pubcontrol import Item
 
         try:
-            pub = GripPubControl({"control_uri": query["control_uri"][0]})
+            config = {"control_uri": query["control_uri"][0]}
+            if "iss" in query:
+                config["control_iss"] = query["iss"][0]
+            if "key" in query:
+                config["key"] = query["key"][0]
+            pub = GripPubControl(config)
             item = Item(WebSocketMessageFormat(query["text"][0]))
             pub.publish(query["channel"][0], item, blocking=True)
         except Exception as e:  # report any publish failure to the test

@@ -293,36 +293,24 @@ impl FakeKube {
             bookmarks: watch::Sender::new(0),
         });
         let stop = CancellationToken::new();
-        let (s2, stop2) = (shared.clone(), stop.clone());
-        tokio::spawn(async move {
-            loop {
-                let (stream, _) = tokio::select! {
-                    r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
-                    () = stop2.cancelled() => return,
-                };
-                let shared = s2.clone();
-                let stop = stop2.clone();
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req: Request<Incoming>| {
-                        let shared = shared.clone();
-                        async move { Ok::<_, Infallible>(handle(shared, req).await) }
-                    });
-                    let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
-                    tokio::pin!(conn);
-                    tokio::select! {
-                        _ = conn.as_mut() => {}
-                        () = stop.cancelled() => {}
-                    }
-                });
-            }
-        });
+        tokio::spawn(serve(listener, shared.clone(), stop.clone()));
         Self { addr, shared, stop }
     }
 
     /// A client for this server.
     pub fn client(&self) -> kube::Client {
-        let url: http::Uri = format!("http://{}", self.addr).parse().expect("url");
-        kube::Client::try_from(kube::Config::new(url)).expect("client")
+        client_for(self.addr)
+    }
+
+    /// A client on its own port, and the token that partitions it from the server: once
+    /// cancelled, its connections are cut and new ones refused (a network partition, or a
+    /// crashed process whose requests stop arriving).
+    pub async fn partitionable_client(&self) -> (kube::Client, CancellationToken) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind fake kube");
+        let addr = listener.local_addr().expect("addr");
+        let cut = self.stop.child_token();
+        tokio::spawn(serve(listener, self.shared.clone(), cut.clone()));
+        (client_for(addr), cut)
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -392,6 +380,35 @@ impl FakeKube {
 
 // ---------------------------------------------------------------------------------------------
 // HTTP plumbing
+
+fn client_for(addr: SocketAddr) -> kube::Client {
+    let url: http::Uri = format!("http://{addr}").parse().expect("url");
+    kube::Client::try_from(kube::Config::new(url)).expect("client")
+}
+
+/// Accepts connections until `stop`; cancelling `stop` also cuts open connections.
+async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+            () = stop.cancelled() => return,
+        };
+        let shared = shared.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(handle(shared, req).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                () = stop.cancelled() => {}
+            }
+        });
+    }
+}
 
 /// A streaming body fed by a channel (watch responses).
 struct ChannelBody {

@@ -306,6 +306,7 @@ impl TestGateway {
             hub: wsgate::grip::Hub::new(gw.registry.clone()),
             auth: None,
             max_publish_body: wsgate::admin::publish::DEFAULT_MAX_PUBLISH_BODY,
+            control: None,
         });
         tokio::spawn(wsgate::admin::run(admin_listener, state, admin_stop.clone()));
         tokio::spawn(wsgate::server::run(listener, gw.clone(), stop.clone()));
@@ -337,6 +338,7 @@ impl TestGateway {
             hub,
             auth: None,
             max_publish_body: wsgate::admin::publish::DEFAULT_MAX_PUBLISH_BODY,
+            control: None,
         });
         tokio::spawn(wsgate::admin::run(admin_listener, state, admin_stop.clone()));
         tokio::spawn(wsgate::server::run(listener, gw.clone(), stop.clone()));
