@@ -138,6 +138,10 @@ struct GatewayArgs {
     max_publish_body: usize,
     #[command(flatten)]
     control: wsgate::config::control::ControlClientArgs,
+    /// NATS server URL(s), comma separated, for publishing across replicas; without it,
+    /// publishing is local to this replica.
+    #[arg(long, env = "WSGATE_NATS")]
+    nats: Option<String>,
 }
 
 /// Logs, and traces when the standard `OTEL_*` variables name an OTLP endpoint. Must run
@@ -250,7 +254,28 @@ async fn gateway(args: GatewayArgs) -> ExitCode {
         ..GatewaySettings::default()
     };
     let table = Arc::new(ArcSwap::from_pointee(table));
-    let gw = Arc::new(Gateway::new(table.clone(), settings));
+    let mut gw = Gateway::new(table.clone(), settings);
+    let nats = match &args.nats {
+        Some(url) => {
+            let config = wsgate::grip::nats::NatsConfig::new(url);
+            match wsgate::grip::nats::NatsBridge::connect(config, gw.registry.clone()).await {
+                Ok(bridge) => {
+                    gw.on_channel = Some(bridge.channel_hook());
+                    Some(bridge)
+                }
+                Err(e) => {
+                    eprintln!("wsgate: bad configuration: --nats: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            }
+        }
+        None => None,
+    };
+    let hub = match &nats {
+        Some(bridge) => wsgate::grip::Hub::with_nats(gw.registry.clone(), bridge.clone()),
+        None => wsgate::grip::Hub::new(gw.registry.clone()),
+    };
+    let gw = Arc::new(gw);
     let stop = CancellationToken::new();
     let listener = match tokio::net::TcpListener::bind(args.listen).await {
         Ok(l) => l,
@@ -292,6 +317,7 @@ async fn gateway(args: GatewayArgs) -> ExitCode {
         auth,
         max_publish_body: args.max_publish_body,
         control: control_status,
+        hub,
         ..AdminState::new(gw.clone())
     });
     let admin_stop = CancellationToken::new();
@@ -309,6 +335,9 @@ async fn gateway(args: GatewayArgs) -> ExitCode {
     gw.draining.store(true, std::sync::atomic::Ordering::SeqCst);
     stop.cancel();
     gw.drain().await;
+    if let Some(bridge) = &nats {
+        bridge.shutdown().await;
+    }
     let _ = tokio::time::timeout(Duration::from_secs(1), server_task).await;
     admin_stop.cancel();
     let _ = admin_task.await;
@@ -375,6 +404,7 @@ async fn demo(args: DemoArgs) -> ExitCode {
             control_token_file: std::path::PathBuf::new(),
             control_no_token: true,
         },
+        nats: None,
     };
     let code = gateway(gateway_args).await;
     stop_backend.cancel();

@@ -32,7 +32,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -81,13 +81,14 @@ const MAX_FILTER_BODY: usize = 4096;
 /// Largest OTLP response body read.
 const MAX_EXPORT_RESPONSE: usize = 4 << 20;
 
-static ENABLED: AtomicBool = AtomicBool::new(false);
+/// Layers handed out by running pipelines ([`Tracing::layer`]) and not yet shut down.
+static ENABLED: AtomicUsize = AtomicUsize::new(0);
 
 /// True once an OpenTelemetry layer exists in this process: only then does the data plane
 /// create spans and inject `traceparent`. One relaxed load.
 #[inline]
 pub fn is_enabled() -> bool {
-    ENABLED.load(Ordering::Relaxed)
+    ENABLED.load(Ordering::Relaxed) > 0
 }
 
 /// What went wrong setting up logs or traces.
@@ -433,6 +434,8 @@ fn percent_decode(s: &str) -> Option<String> {
 pub struct Tracing {
     provider: SdkTracerProvider,
     tracer: opentelemetry_sdk::trace::Tracer,
+    /// Layers made by [`Tracing::layer`]; [`Tracing::shutdown`] takes them off [`ENABLED`].
+    layers: AtomicUsize,
 }
 
 impl Tracing {
@@ -483,7 +486,11 @@ impl Tracing {
             .with_resource(resource)
             .build();
         let tracer = provider.tracer("wsgate");
-        Ok(Self { provider, tracer })
+        Ok(Self {
+            provider,
+            tracer,
+            layers: AtomicUsize::new(0),
+        })
     }
 
     /// The layer turning [`SPAN_TARGET`] spans into OpenTelemetry spans. Adding it to a
@@ -492,7 +499,8 @@ impl Tracing {
     where
         S: tracing::Subscriber + for<'a> LookupSpan<'a> + Send + Sync,
     {
-        ENABLED.store(true, Ordering::Relaxed);
+        self.layers.fetch_add(1, Ordering::Relaxed);
+        ENABLED.fetch_add(1, Ordering::Relaxed);
         tracing_opentelemetry::layer()
             .with_tracer(self.tracer.clone())
             .with_location(false)
@@ -514,13 +522,15 @@ impl Tracing {
             .map_err(|e| TelemetryError::Export(e.to_string()))
     }
 
-    /// Flushes and stops the pipeline (blocking); spans are no longer created afterwards.
+    /// Flushes and stops the pipeline (blocking); once no other pipeline has a layer out, the
+    /// data plane stops creating spans.
     ///
     /// # Errors
     ///
     /// [`TelemetryError::Export`] when the final export failed.
     pub fn shutdown(&self) -> Result<(), TelemetryError> {
-        ENABLED.store(false, Ordering::Relaxed);
+        let n = self.layers.swap(0, Ordering::Relaxed);
+        ENABLED.fetch_sub(n, Ordering::Relaxed);
         self.provider
             .shutdown()
             .map_err(|e| TelemetryError::Export(e.to_string()))

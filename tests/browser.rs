@@ -39,12 +39,21 @@ async fn two_tabs_chat_through_the_demo() {
     };
     let (addr, admin) = (free(), free());
     let mut demo = Command::new(BIN)
-        .args(["demo", "--listen", &addr.to_string(), "--admin-listen", &admin.to_string()])
+        .args([
+            "demo",
+            "--listen",
+            &addr.to_string(),
+            "--admin-listen",
+            &admin.to_string(),
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn demo");
-    eventually("demo listening", || async { tokio::net::TcpStream::connect(addr).await.is_ok() }).await;
+    eventually("demo listening", || async {
+        tokio::net::TcpStream::connect(addr).await.is_ok()
+    })
+    .await;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser/chat.cjs");
     let out = tokio::task::spawn_blocking(move || {
         Command::new(node)

@@ -418,7 +418,6 @@ async fn publish_http(admin: SocketAddr, channel: &str, text: &str) {
 }
 
 #[tokio::test]
-#[ignore = "needs the `--nats URL` flag wired in main.rs; remove this line once it is"]
 async fn two_gateway_processes_share_publishes_over_nats() {
     let nats = NatsServer::start().await;
     let backend = grip_backend().await;

@@ -105,7 +105,14 @@ async fn route(st: &AdminState, req: Request<Incoming>) -> Response<ResponseBody
         (&Method::GET, "/readyz") => match st.not_ready_reason() {
             None => {
                 let version = st.gateway.table.load().version();
-                text_response(StatusCode::OK, format!("ready (routes version {version})\n"))
+                // NATS down: still ready (local delivery works), but say so.
+                match st.hub.nats().and_then(|b| b.degraded_reason()) {
+                    Some(d) => text_response(
+                        StatusCode::OK,
+                        format!("ready (routes version {version}); degraded: {d}\n"),
+                    ),
+                    None => text_response(StatusCode::OK, format!("ready (routes version {version})\n")),
+                }
             }
             Some(r) => text_response(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {r}\n")),
         },

@@ -105,7 +105,7 @@ pub struct Gateway {
     /// Set when shutdown begins (readiness fails).
     pub draining: AtomicBool,
     /// Called when a channel gains its first / loses its last local subscriber.
-    pub on_channel: Option<Arc<dyn Fn(&str, bool) + Send + Sync>>,
+    pub on_channel: Option<crate::grip::nats::ChannelHook>,
     /// Notified whenever a WebSocket connection ends.
     pub conn_closed: tokio::sync::Notify,
     conn_limit: Arc<Semaphore>,

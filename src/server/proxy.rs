@@ -42,7 +42,7 @@ pub(super) async fn handle(
     crate::telemetry::inject(&span, out.headers_mut());
     *out.uri_mut() = template.uri;
     *out.version_mut() = http::Version::HTTP_11;
-    let client = gw.pool.client_for(&route);
+    let client = gw.pool.client_for(route);
     let resp = match tokio::time::timeout(route.timeouts.request, client.request(out)).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {

@@ -27,10 +27,13 @@ pub const EVENTS_MEDIA_TYPE: &str = "application/websocket-events";
 /// plain HTTP pass-through.
 pub type ProxyBody = http_body_util::combinators::UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
-/// Pooled backend clients, one per connect timeout (routes may differ).
+/// What distinguishes backend clients: connect timeout and extra CA certificates.
+type ClientKey = (Duration, Option<Arc<[u8]>>);
+
+/// Pooled backend clients, one per connect timeout and CA bundle (routes may differ).
 #[derive(Clone)]
 pub struct BackendPool {
-    clients: Arc<Mutex<HashMap<(Duration, Option<Arc<[u8]>>), Client<Connector, ProxyBody>>>>,
+    clients: Arc<Mutex<HashMap<ClientKey, Client<Connector, ProxyBody>>>>,
     idle_timeout: Duration,
     max_idle_per_host: usize,
 }

@@ -61,7 +61,7 @@ pub struct Connection {
     /// Bytes that may wait in the write buffer before backpressure / slow-consumer close.
     pub outbound_limit: usize,
     /// Called when a channel gains its first or loses its last local subscriber.
-    pub on_channel: Option<Arc<dyn Fn(&str, bool) + Send + Sync>>,
+    pub on_channel: Option<crate::grip::nats::ChannelHook>,
     /// On shutdown, the 1001 close is delayed by a per-connection share of this window.
     pub close_pacing: Duration,
     /// The live route table: when its version changes, the connection moves to the new

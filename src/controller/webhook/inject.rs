@@ -32,6 +32,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use base64::Engine as _;
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, Patch, PatchOperation};
 use k8s_openapi::api::core::v1::{
@@ -569,7 +570,20 @@ impl Injector {
             ReviewError::NoRequest
         })?;
         let response = self.admit(&request);
-        serde_json::to_vec(&response.into_review()).map_err(ReviewError::Encode)
+        let mut review = serde_json::to_value(response.into_review()).map_err(ReviewError::Encode)?;
+        // kube-core writes `patch` (Go `[]byte`) as an array of numbers, which the API server
+        // accepts; Go itself writes base64, ~3.5 times smaller. Send what Go sends.
+        if let Some(patch) = review.pointer_mut("/response/patch")
+            && let Some(bytes) = patch.as_array().map(|items| {
+                items
+                    .iter()
+                    .filter_map(|b| b.as_u64().and_then(|b| u8::try_from(b).ok()))
+                    .collect::<Vec<u8>>()
+            })
+        {
+            *patch = Value::String(base64::engine::general_purpose::STANDARD.encode(bytes));
+        }
+        serde_json::to_vec(&review).map_err(ReviewError::Encode)
     }
 }
 
