@@ -49,10 +49,7 @@ fuzz_target!(|data: &[u8]| {
 
     // Round trip of whatever decoded.
     let encoded = events::encode(&streamed);
-    assert_eq!(
-        encoded.len(),
-        streamed.iter().map(Event::encoded_len).sum::<usize>()
-    );
+    assert_eq!(encoded.len(), streamed.iter().map(Event::encoded_len).sum::<usize>());
     let mut decoder = Decoder::new(usize::MAX);
     let mut buf = BytesMut::from(&encoded[..]);
     let mut again = Vec::new();
