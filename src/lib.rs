@@ -32,5 +32,6 @@ pub mod metrics;
 pub mod protocol;
 pub mod server;
 pub mod session;
+pub mod signal;
 pub mod telemetry;
 pub mod transport;

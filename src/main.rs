@@ -330,7 +330,7 @@ async fn gateway(args: GatewayArgs) -> ExitCode {
     );
     admin_state.listening.store(true, std::sync::atomic::Ordering::SeqCst);
     let server_task = tokio::spawn(server::run(listener, gw.clone(), stop.clone()));
-    wait_for_signal().await;
+    wsgate::signal::terminated().await;
     tracing::info!("shutdown: readiness off, draining");
     gw.draining.store(true, std::sync::atomic::Ordering::SeqCst);
     stop.cancel();
@@ -343,19 +343,6 @@ async fn gateway(args: GatewayArgs) -> ExitCode {
     let _ = admin_task.await;
     tracing::info!("shutdown complete");
     ExitCode::SUCCESS
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        // Without signal handlers the process can only be killed; run until then.
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
 }
 
 async fn demo(args: DemoArgs) -> ExitCode {

@@ -33,11 +33,7 @@ async fn two_tabs_chat_through_the_demo() {
         return;
     };
     let node = std::env::var("WSGATE_NODE").unwrap_or_else(|_| "node".into());
-    let free = || {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr")
-    };
-    let (addr, admin) = (free(), free());
+    let (addr, admin) = (free_addr(), free_addr());
     let mut demo = Command::new(BIN)
         .args([
             "demo",

@@ -14,12 +14,6 @@ use wsgate::protocol::events::Event;
 
 const BIN: &str = env!("CARGO_BIN_EXE_wsgate");
 
-/// A port that was free a moment ago (the binary needs a concrete address).
-fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr")
-}
-
 struct Proc {
     child: Child,
     addr: SocketAddr,

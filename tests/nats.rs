@@ -361,11 +361,6 @@ async fn channel_names_that_are_not_subject_tokens_work() {
 
 // ---- two real `wsgate gateway` processes ----
 
-fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr")
-}
-
 struct Process {
     child: tokio::process::Child,
     listen: SocketAddr,

@@ -404,23 +404,11 @@ pub async fn run(args: ControllerArgs) -> ExitCode {
     let cancel = CancellationToken::new();
     let plane = ControlPlane::new(client, config);
     let run = tokio::spawn(plane.run(listener, cancel.clone()));
-    wait_for_signal().await;
+    crate::signal::terminated().await;
     tracing::info!("shutdown: releasing the Lease, closing the control API");
     cancel.cancel();
     let _ = run.await;
     ExitCode::SUCCESS
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
 }
 
 #[cfg(test)]

@@ -251,6 +251,23 @@ async fn connection_task(
     };
     // Later backend requests are children of the connection span.
     conn.span = spans.connection.clone();
+    // Subscriptions from the OPEN response take effect before the client's 101, so a
+    // publish that follows the handshake (even one the backend triggers while answering
+    // another client's OPEN) is never missed. The session's Subscribe actions, applied
+    // later by the driver, then find them in place.
+    if let Some(grip) = conn.session.grip() {
+        for sub in grip.subscriptions() {
+            if gw.registry.subscribe(&conn.handle, &sub.channel, &sub.filters)
+                && let Some(cb) = &conn.on_channel
+            {
+                cb(&sub.channel, true);
+            }
+        }
+        // Recorded at once, so that unregistering always finds them.
+        let mut info = conn.handle.info();
+        info.channels = grip.subscriptions().iter().map(|s| s.channel.clone()).collect();
+        conn.handle.set_info(info);
+    }
     if tx.send(response).is_err() {
         spans.finish_handshake(HandshakeOutcome::ClientGone, StatusCode::SWITCHING_PROTOCOLS);
         // The client left before its 101: the backend learns with DISCONNECT.

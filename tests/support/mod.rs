@@ -292,32 +292,9 @@ impl TestGateway {
 
     pub async fn with_routes(routes: Vec<Route>, settings: GatewaySettings) -> Self {
         let table = Arc::new(ArcSwap::from_pointee(RouteTable::new(routes, 1).expect("route table")));
-        let gw = Arc::new(Gateway::new(table.clone(), settings));
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind gateway");
-        let addr = listener.local_addr().expect("addr");
-        let admin_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
-        let admin = admin_listener.local_addr().expect("addr");
-        let stop = CancellationToken::new();
-        let admin_stop = CancellationToken::new();
-        let state = Arc::new(AdminState {
-            gateway: gw.clone(),
-            listening: true.into(),
-            reload: None,
-            hub: wsgate::grip::Hub::new(gw.registry.clone()),
-            auth: None,
-            max_publish_body: wsgate::admin::publish::DEFAULT_MAX_PUBLISH_BODY,
-            control: None,
-        });
-        tokio::spawn(wsgate::admin::run(admin_listener, state, admin_stop.clone()));
-        tokio::spawn(wsgate::server::run(listener, gw.clone(), stop.clone()));
-        Self {
-            addr,
-            admin,
-            gw,
-            table,
-            stop,
-            admin_stop,
-        }
+        let gw = Gateway::new(table, settings);
+        let hub = wsgate::grip::Hub::new(gw.registry.clone());
+        Self::with_gateway(gw, hub).await
     }
 
     /// A gateway built by the caller (e.g. with `on_channel` set), with `hub` behind its admin
@@ -332,13 +309,9 @@ impl TestGateway {
         let stop = CancellationToken::new();
         let admin_stop = CancellationToken::new();
         let state = Arc::new(AdminState {
-            gateway: gw.clone(),
             listening: true.into(),
-            reload: None,
             hub,
-            auth: None,
-            max_publish_body: wsgate::admin::publish::DEFAULT_MAX_PUBLISH_BODY,
-            control: None,
+            ..AdminState::new(gw.clone())
         });
         tokio::spawn(wsgate::admin::run(admin_listener, state, admin_stop.clone()));
         tokio::spawn(wsgate::server::run(listener, gw.clone(), stop.clone()));
@@ -447,6 +420,13 @@ impl Client {
             }
         }
     }
+}
+
+/// A loopback address whose port was free a moment ago (for processes that need a concrete
+/// address to listen on).
+pub fn free_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr")
 }
 
 /// The first 80 characters, for failure messages.
