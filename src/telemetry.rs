@@ -6,19 +6,22 @@
 //!   `OTEL_*` variables), a [`Tracing`] pipeline exports spans over OTLP (HTTP/protobuf or
 //!   gRPC) and its layer turns the spans of target [`SPAN_TARGET`] into OpenTelemetry spans.
 //!   Without an endpoint there is no OpenTelemetry layer at all, [`is_enabled`] is false and
-//!   the data plane creates no spans: the hot path pays one relaxed atomic load per backend
-//!   request.
+//!   the data plane creates no spans: a connection checks one relaxed atomic when it starts,
+//!   and each backend request one `Option`.
+//! - **Per-message spans**: `backend.request`, the one span per message exchange, is made
+//!   with the SDK tracer directly ([`RequestSpan`]) rather than through a `tracing` span: it
+//!   skips the subscriber's span registry, field visiting and per-layer filtering.
 //! - **Propagation**: the incoming W3C `traceparent` of a handshake (or pass-through request)
 //!   is the parent of the gateway's spans; every backend request carries the `traceparent` of
-//!   its own span ([`inject_current`]).
+//!   its own span ([`RequestSpan::inject`], [`inject`]), replacing the client's.
 //!
 //! # Spans
 //!
 //! | name | kind | parent | attributes |
 //! |---|---|---|---|
-//! | `ws.connection` | server | the client's `traceparent` | `wsgate.route`, `wsgate.connection_id`, `wsgate.close_code`, `wsgate.client_messages`, `wsgate.backend_messages` |
+//! | `ws.connection` | server | the client's `traceparent` | `wsgate.route`, `url.path`, `wsgate.connection_id`, `wsgate.close_code`, `wsgate.client_messages`, `wsgate.backend_messages` |
 //! | `ws.handshake` | internal | `ws.connection` | `wsgate.route`, `wsgate.connection_id`, `wsgate.outcome`, `http.response.status_code` |
-//! | `backend.request` | client | `ws.handshake` (OPEN) or `ws.connection` (later requests) | `wsgate.events`, `wsgate.bytes`, `wsgate.attempt`, `server.address`, `url.path`, `http.response.status_code`, `error.type` |
+//! | `backend.request` | client | `ws.handshake` (OPEN) or `ws.connection` (later requests) | `wsgate.events`, `wsgate.bytes`, `wsgate.attempt`, `http.response.status_code`, `error.type` |
 //! | `http.proxy` | server | the client's `traceparent` | `wsgate.route`, `http.request.method`, `url.path`, `http.response.status_code`, `error.type` |
 //! | `publish` | server | the publisher's `traceparent` | `wsgate.items`, `wsgate.deliveries` |
 //! | `controller.reconcile` | internal | none | `k8s.resource.kind`, `k8s.namespace.name`, `k8s.resource.name`, `error.type` |
@@ -28,7 +31,7 @@
 //! # Secrets
 //!
 //! No span or log line made here carries header values: attributes are counts, statuses,
-//! route names, the URL path (never the query) and the host.
+//! route names and the URL path (never the query).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -37,7 +40,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -45,13 +48,15 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use opentelemetry::propagation::TextMapPropagator;
-use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry::trace::{
+    Span as _, SpanContext, SpanKind, Status, TraceContextExt, Tracer as _, TracerProvider as _,
+};
 use opentelemetry::{KeyValue, Value};
-use opentelemetry_http::{HeaderExtractor, HeaderInjector, HttpClient, HttpError};
+use opentelemetry_http::{HeaderExtractor, HttpClient, HttpError};
 use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::{BatchSpanProcessor, SdkTracerProvider};
+use opentelemetry_sdk::trace::{BatchSpanProcessor, SdkTracerProvider, Tracer as SdkTracer};
 use tracing::Span;
 use tracing::field::Empty;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -433,7 +438,7 @@ fn percent_decode(s: &str) -> Option<String> {
 #[derive(Debug)]
 pub struct Tracing {
     provider: SdkTracerProvider,
-    tracer: opentelemetry_sdk::trace::Tracer,
+    tracer: SdkTracer,
     /// Layers made by [`Tracing::layer`]; [`Tracing::shutdown`] takes them off [`ENABLED`].
     layers: AtomicUsize,
 }
@@ -501,14 +506,21 @@ impl Tracing {
     {
         self.layers.fetch_add(1, Ordering::Relaxed);
         ENABLED.fetch_add(1, Ordering::Relaxed);
-        tracing_opentelemetry::layer()
+        let otel = tracing_opentelemetry::layer()
             .with_tracer(self.tracer.clone())
             .with_location(false)
             .with_threads(false)
             .with_tracked_inactivity(false)
             .with_context_activation(false)
             .with_filter(Targets::new().with_target(SPAN_TARGET, LevelFilter::TRACE))
-            .boxed()
+            .boxed();
+        // Sees nothing (its filter refuses every callsite); found by downcasting.
+        let marker = TracerLayer {
+            tracer: self.tracer.clone(),
+        }
+        .with_filter(filter_fn(|_| false))
+        .boxed();
+        Box::new(vec![otel, marker])
     }
 
     /// Exports every finished span now (blocking).
@@ -798,14 +810,52 @@ fn adopt_remote_parent(span: &Span, headers: &HeaderMap) {
 /// replacing any the client sent. Nothing happens for a span OpenTelemetry does not see.
 pub fn inject(span: &Span, headers: &mut HeaderMap) {
     let cx = span.context();
-    if cx.span().span_context().is_valid() {
-        propagator().inject_context(&cx, &mut HeaderInjector(headers));
+    inject_span_context(cx.span().span_context(), headers);
+}
+
+/// Writes `traceparent` (and `tracestate`, or removes the client's) for `sc`, if valid.
+/// Formatted by hand: this runs once per backend request.
+fn inject_span_context(sc: &SpanContext, headers: &mut HeaderMap) {
+    if !sc.is_valid() {
+        return;
+    }
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut buf = [0u8; 55];
+    let mut at = 0;
+    let mut put = |bytes: &[u8], sep: bool| {
+        for b in bytes {
+            buf[at] = HEX[usize::from(b >> 4)];
+            buf[at + 1] = HEX[usize::from(b & 0x0f)];
+            at += 2;
+        }
+        if sep {
+            buf[at] = b'-';
+            at += 1;
+        }
+    };
+    put(&[0], true);
+    put(&sc.trace_id().to_bytes(), true);
+    put(&sc.span_id().to_bytes(), true);
+    put(&[sc.trace_flags().to_u8()], false);
+    if let Ok(v) = HeaderValue::from_bytes(&buf) {
+        headers.insert(TRACEPARENT, v);
+    }
+    let state = sc.trace_state().header();
+    match HeaderValue::from_str(&state) {
+        Ok(v) if !state.is_empty() => {
+            headers.insert(TRACESTATE, v);
+        }
+        _ => {
+            headers.remove(TRACESTATE);
+        }
     }
 }
 
-/// [`inject`] for the current span (the request builder runs inside its request's span).
-pub fn inject_current(headers: &mut HeaderMap) {
-    inject(&Span::current(), headers);
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+
+fn sampled(sc: &SpanContext) -> Option<u128> {
+    (sc.is_valid() && sc.is_sampled()).then(|| u128::from_be_bytes(sc.trace_id().to_bytes()))
 }
 
 /// The trace id of a sampled span, for exemplars.
@@ -814,10 +864,115 @@ pub fn sampled_trace_id(span: &Span) -> Option<u128> {
         return None;
     }
     let cx = span.context();
-    let span_ref = cx.span();
-    let sc = span_ref.span_context();
-    (sc.is_valid() && sc.is_sampled()).then(|| u128::from_be_bytes(sc.trace_id().to_bytes()))
+    sampled(cx.span().span_context())
 }
+
+/// The tracer of the pipeline whose layer is in the current subscriber.
+fn current_tracer() -> Option<SdkTracer> {
+    tracing::dispatcher::get_default(|d| d.downcast_ref::<TracerLayer>().map(|t| t.tracer.clone()))
+}
+
+/// Where `backend.request` spans hang: the OpenTelemetry context of a connection's handshake
+/// or connection span, and the tracer that makes them. Empty when tracing is off.
+#[derive(Clone, Default)]
+pub struct SpanParent {
+    otel: Option<(SdkTracer, opentelemetry::Context)>,
+}
+
+impl std::fmt::Debug for SpanParent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SpanParent")
+            .field("traced", &self.otel.is_some())
+            .finish()
+    }
+}
+
+impl SpanParent {
+    /// No parent: backend requests are not traced.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    fn of(span: &Span, tracer: Option<&SdkTracer>) -> Self {
+        let Some(tracer) = tracer else { return Self::none() };
+        let cx = span.context();
+        if !cx.span().span_context().is_valid() {
+            return Self::none();
+        }
+        Self {
+            otel: Some((tracer.clone(), cx)),
+        }
+    }
+}
+
+/// The `backend.request` span of one backend request, made directly with the SDK tracer (no
+/// `tracing` span: this is the per-message span, and the direct path costs a fraction). Ends
+/// when finished or dropped.
+pub struct RequestSpan(Option<opentelemetry_sdk::trace::Span>);
+
+impl std::fmt::Debug for RequestSpan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("RequestSpan").field(&self.0.is_some()).finish()
+    }
+}
+
+impl RequestSpan {
+    /// Starts the span under `parent` (nothing when `parent` is empty) with the request's
+    /// event count, body size and retry attempt.
+    #[inline]
+    pub fn start(parent: &SpanParent, req: &BackendRequest) -> Self {
+        let Some((tracer, cx)) = &parent.otel else {
+            return Self(None);
+        };
+        let builder = tracer
+            .span_builder("backend.request")
+            .with_kind(SpanKind::Client)
+            .with_attributes([
+                KeyValue::new("wsgate.events", int(req.events)),
+                KeyValue::new("wsgate.bytes", int(req.body.len())),
+                KeyValue::new("wsgate.attempt", i64::from(req.attempt)),
+            ]);
+        Self(Some(tracer.build_with_context(builder, cx)))
+    }
+
+    /// Writes the span's `traceparent` into a backend request's headers.
+    #[inline]
+    pub fn inject(&self, headers: &mut HeaderMap) {
+        if let Some(span) = &self.0 {
+            inject_span_context(span.span_context(), headers);
+        }
+    }
+
+    /// Records the outcome, ends the span and returns its trace id when sampled (for the
+    /// latency exemplar).
+    pub fn finish(self, res: &Result<BackendResponse, BackendError>) -> Option<u128> {
+        let mut span = self.0?;
+        match res {
+            Ok(r) => {
+                span.set_attribute(KeyValue::new("http.response.status_code", i64::from(r.status.as_u16())));
+                if !r.status.is_success() {
+                    span.set_attribute(KeyValue::new("error.type", r.status.as_str().to_owned()));
+                    span.set_status(Status::error("backend answered with an error status"));
+                }
+            }
+            Err(e) => {
+                let kind = crate::metrics::BackendErrorKind::of(e).label();
+                span.set_attribute(KeyValue::new("error.type", kind));
+                span.set_status(Status::error(kind));
+            }
+        }
+        let trace_id = sampled(span.span_context());
+        span.end();
+        trace_id
+    }
+}
+
+/// Marks a pipeline's layer in a subscriber so the data plane can find its tracer.
+struct TracerLayer {
+    tracer: SdkTracer,
+}
+
+impl<S: tracing::Subscriber> Layer<S> for TracerLayer {}
 
 /// How a handshake ended, for the `wsgate.outcome` attribute (and the handshake metric).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -856,11 +1011,12 @@ pub struct ConnectionSpans {
     pub connection: Span,
     /// `ws.handshake`: parent of the OPEN requests; disabled once the handshake ended.
     pub handshake: Span,
+    tracer: Option<SdkTracer>,
 }
 
 impl ConnectionSpans {
     /// Starts both spans, with the handshake request's `traceparent` (if any) as parent.
-    pub fn start(route: &str, headers: &HeaderMap) -> Self {
+    pub fn start(route: &str, path: &str, headers: &HeaderMap) -> Self {
         if !is_enabled() {
             return Self::disabled();
         }
@@ -869,6 +1025,7 @@ impl ConnectionSpans {
             "ws.connection",
             otel.kind = "server",
             wsgate.route = route,
+            url.path = path,
             wsgate.connection_id = Empty,
             wsgate.close_code = Empty,
             wsgate.client_messages = Empty,
@@ -885,7 +1042,11 @@ impl ConnectionSpans {
             http.response.status_code = Empty,
             otel.status_code = Empty,
         );
-        Self { connection, handshake }
+        Self {
+            connection,
+            handshake,
+            tracer: current_tracer(),
+        }
     }
 
     /// Spans that record nothing.
@@ -893,7 +1054,18 @@ impl ConnectionSpans {
         Self {
             connection: Span::none(),
             handshake: Span::none(),
+            tracer: None,
         }
+    }
+
+    /// Parent for the backend requests of the handshake (OPEN).
+    pub fn handshake_parent(&self) -> SpanParent {
+        SpanParent::of(&self.handshake, self.tracer.as_ref())
+    }
+
+    /// Parent for the backend requests after the handshake.
+    pub fn connection_parent(&self) -> SpanParent {
+        SpanParent::of(&self.connection, self.tracer.as_ref())
     }
 
     /// Records the Connection-Id on both spans.
@@ -921,47 +1093,6 @@ impl ConnectionSpans {
         self.connection.record("wsgate.client_messages", int(client_messages));
         self.connection.record("wsgate.backend_messages", int(backend_messages));
     }
-}
-
-/// A `backend.request` span under `parent`. Call only when [`is_enabled`]; build the request
-/// inside it ([`Span::in_scope`]) so [`inject_current`] gives the backend its context.
-pub fn backend_span(parent: &Span, req: &BackendRequest, uri: &Uri) -> Span {
-    tracing::info_span!(
-        target: SPAN_TARGET,
-        parent: parent,
-        "backend.request",
-        otel.kind = "client",
-        http.request.method = "POST",
-        server.address = uri.host().unwrap_or(""),
-        url.path = uri.path(),
-        wsgate.events = int(req.events),
-        wsgate.bytes = int(req.body.len()),
-        wsgate.attempt = i64::from(req.attempt),
-        http.response.status_code = Empty,
-        error.type = Empty,
-        otel.status_code = Empty,
-    )
-}
-
-/// Records a backend request's outcome on its span; returns the trace id when sampled.
-pub fn record_backend_result(span: &Span, res: &Result<BackendResponse, BackendError>) -> Option<u128> {
-    if span.is_disabled() {
-        return None;
-    }
-    match res {
-        Ok(r) => {
-            span.record("http.response.status_code", i64::from(r.status.as_u16()));
-            if !r.status.is_success() {
-                span.record("error.type", r.status.as_str());
-                span.record("otel.status_code", "ERROR");
-            }
-        }
-        Err(e) => {
-            span.record("error.type", crate::metrics::BackendErrorKind::of(e).label());
-            span.record("otel.status_code", "ERROR");
-        }
-    }
-    sampled_trace_id(span)
 }
 
 /// An `http.proxy` span for a plain HTTP pass-through request (child of its `traceparent`);

@@ -312,6 +312,9 @@ pub struct ControllerArgs {
     /// Time between Lease tries.
     #[arg(long, default_value = "2s")]
     pub retry_period: DurationSpec,
+    /// Sidecar-injection webhook.
+    #[command(flatten)]
+    pub webhook: webhook::WebhookArgs,
 }
 
 impl ControllerArgs {
@@ -386,6 +389,13 @@ pub async fn run(args: ControllerArgs) -> ExitCode {
     if config.api.auth == AuthMode::InsecureSkipAuth {
         tracing::warn!("--insecure-skip-auth: the control API serves routes and keys to anyone");
     }
+    let webhook_config = match args.webhook.enabled.then(|| args.webhook.to_config()).transpose() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("wsgate controller: bad configuration: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     let client = match kube::Client::try_default().await {
         Ok(c) => c,
         Err(e) => {
@@ -401,13 +411,36 @@ pub async fn run(args: ControllerArgs) -> ExitCode {
         }
     };
     tracing::info!(listen = %args.control_listen, identity = %config.lease.identity, "wsgate controller started");
+    let webhook_listener = match &webhook_config {
+        Some(c) => match TcpListener::bind(c.listen).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                eprintln!("wsgate controller: cannot listen on {}: {e}", c.listen);
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
     let cancel = CancellationToken::new();
+    let webhook_task = webhook_config.zip(webhook_listener).map(|(config, listener)| {
+        tokio::spawn(webhook::run_webhook_on(
+            listener,
+            config,
+            client.clone(),
+            cancel.clone(),
+        ))
+    });
     let plane = ControlPlane::new(client, config);
     let run = tokio::spawn(plane.run(listener, cancel.clone()));
     crate::signal::terminated().await;
     tracing::info!("shutdown: releasing the Lease, closing the control API");
     cancel.cancel();
     let _ = run.await;
+    if let Some(task) = webhook_task
+        && let Ok(Err(e)) = task.await
+    {
+        tracing::error!(error = %e, "injection webhook failed");
+    }
     ExitCode::SUCCESS
 }
 

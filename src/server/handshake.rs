@@ -96,7 +96,7 @@ pub(super) async fn handle(
             .insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
         return r;
     }
-    let mut spans = ConnectionSpans::start(&route.name, req.headers());
+    let mut spans = ConnectionSpans::start(&route.name, req.uri().path(), req.headers());
     // Connection limits: global, then per route.
     let Ok(permit) = gw.conn_limit.clone().try_acquire_owned() else {
         gw.stats.handshakes_over_limit.fetch_add(1, Ordering::Relaxed);
@@ -161,7 +161,7 @@ pub(super) async fn handle(
         table: Some(gw.table.clone()),
         table_version,
         metrics: gw.metrics.route(&route.name),
-        span: spans.handshake.clone(),
+        span: spans.handshake_parent(),
     };
     let (tx, rx) = oneshot::channel();
     let accept_key = frame::accept_key(key.as_bytes());
@@ -250,7 +250,7 @@ async fn connection_task(
         }
     };
     // Later backend requests are children of the connection span.
-    conn.span = spans.connection.clone();
+    conn.span = spans.connection_parent();
     // Subscriptions from the OPEN response take effect before the client's 101, so a
     // publish that follows the handshake (even one the backend triggers while answering
     // another client's OPEN) is never missed. The session's Subscribe actions, applied

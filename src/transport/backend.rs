@@ -319,11 +319,6 @@ impl RequestTemplate {
         {
             headers.insert("grip-sig", v);
         }
-        if crate::telemetry::is_enabled() {
-            // The caller builds inside the request's span; its context replaces any
-            // `traceparent` the client sent.
-            crate::telemetry::inject_current(&mut headers);
-        }
         let mut request = Request::new(full_body(req.body.clone()));
         *request.method_mut() = Method::POST;
         *request.uri_mut() = self.uri.clone();

@@ -72,8 +72,8 @@ pub struct Connection {
     /// Counters of the connection's route (messages, bytes, backend requests).
     pub metrics: Arc<crate::metrics::RouteMetrics>,
     /// Parent of the `backend.request` spans: the handshake span during the OPEN exchange,
-    /// the connection span afterwards (disabled when tracing is off).
-    pub span: tracing::Span,
+    /// the connection span afterwards (empty when tracing is off).
+    pub span: crate::telemetry::SpanParent,
 }
 
 impl Connection {
@@ -122,13 +122,9 @@ pub fn start_request(
         .map(|d| d.as_secs())
         .unwrap_or(0);
     conn.metrics.record_request_sent(req);
-    let span = if crate::telemetry::is_enabled() {
-        crate::telemetry::backend_span(&conn.span, req, &conn.template.uri)
-    } else {
-        tracing::Span::none()
-    };
-    // Built inside the request's span: the builder injects its `traceparent`.
-    let request = span.in_scope(|| conn.template.build(req, now_unix));
+    let span = crate::telemetry::RequestSpan::start(&conn.span, req);
+    let mut request = conn.template.build(req, now_unix);
+    span.inject(request.headers_mut());
     let client = conn.client.clone();
     let limits = conn.limits.clone();
     let metrics = conn.metrics.clone();
@@ -142,7 +138,7 @@ pub fn start_request(
             limits.max_reject_body,
         )
         .await;
-        let trace_id = crate::telemetry::record_backend_result(&span, &res);
+        let trace_id = span.finish(&res);
         metrics.record_backend(started.elapsed(), &res, trace_id);
         res
     })

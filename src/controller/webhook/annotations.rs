@@ -17,7 +17,8 @@ pub const INJECT_DISABLED: &str = "disabled";
 
 /// Port the gateway listens on for clients (the port a Service should target).
 pub const ANNOTATION_PORT: &str = "wsgate.io/port";
-/// The application's port: the gateway's catch-all backend `http://127.0.0.1:PORT`.
+/// The application's port: the sidecar serves one catch-all route to `http://127.0.0.1:PORT`
+/// instead of fetching `WebSocketRoute`s from the control API.
 pub const ANNOTATION_TARGET_PORT: &str = "wsgate.io/target-port";
 /// Port of the gateway's admin listener (health, readiness, publish API).
 pub const ANNOTATION_ADMIN_PORT: &str = "wsgate.io/admin-port";

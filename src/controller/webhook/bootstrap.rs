@@ -59,6 +59,9 @@ pub struct BootstrapConfig {
     pub cluster_domain: String,
     /// Name of the `MutatingWebhookConfiguration` whose `caBundle` is patched.
     pub webhook_configuration: String,
+    /// More names (DNS or IP) for the certificate, for a webhook reached by `url` rather than
+    /// through the Service (an API server outside the cluster, the e2e tier's `127.0.0.1`).
+    pub extra_names: Vec<String>,
     /// Who provides the certificate.
     pub mode: CertMode,
     /// Lifetime of generated certificates.
@@ -75,14 +78,32 @@ impl BootstrapConfig {
         format!("{}.{}.svc", self.service, self.namespace)
     }
 
-    /// The names put in a generated certificate.
+    /// The names put in a generated certificate (and required of an existing one).
     pub fn dns_names(&self) -> Vec<String> {
-        vec![
+        let mut names = vec![
             self.server_name(),
             self.service.clone(),
             format!("{}.{}", self.service, self.namespace),
             format!("{}.{}.svc.{}", self.service, self.namespace, self.cluster_domain),
-        ]
+        ];
+        for extra in &self.extra_names {
+            if !names.contains(extra) {
+                names.push(extra.clone());
+            }
+        }
+        names
+    }
+
+    /// Checks `bundle` for every name of [`dns_names`](Self::dns_names) at `at`.
+    ///
+    /// # Errors
+    ///
+    /// The first name the certificate doesn't serve, or any other [`CertBundle::check`] failure.
+    pub fn check(&self, bundle: &CertBundle, at: SystemTime) -> Result<(), TlsError> {
+        for name in self.dns_names() {
+            bundle.check(&name, at)?;
+        }
+        Ok(())
     }
 }
 
@@ -197,7 +218,7 @@ impl CertManager {
         let current = existing.as_ref().map(CertBundle::from_secret);
         let renew_at = now + self.config.renew_before;
         let problem = match &current {
-            Some(Ok(bundle)) => match bundle.check(&server_name, renew_at) {
+            Some(Ok(bundle)) => match self.config.check(bundle, renew_at) {
                 Ok(()) => return Ok((bundle.clone(), SecretAction::Reused)),
                 Err(e) => Some(e.to_string()),
             },
@@ -381,6 +402,7 @@ mod tests {
             service: "wsgate-controller".into(),
             cluster_domain: "cluster.local".into(),
             webhook_configuration: "wsgate-injector".into(),
+            extra_names: vec!["127.0.0.1".into(), "wsgate-controller".into()],
             mode: CertMode::Generate,
             validity: Duration::from_secs(1),
             renew_before: Duration::from_secs(1),
@@ -393,7 +415,8 @@ mod tests {
                 "wsgate-controller.ops.svc",
                 "wsgate-controller",
                 "wsgate-controller.ops",
-                "wsgate-controller.ops.svc.cluster.local"
+                "wsgate-controller.ops.svc.cluster.local",
+                "127.0.0.1"
             ]
         );
     }

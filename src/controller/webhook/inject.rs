@@ -8,11 +8,14 @@
 //! - the `wsgate-gateway` container: a native sidecar (appended to `initContainers`, with
 //!   `restartPolicy: Always` and a `startupProbe`, so it starts after the pod's own init
 //!   containers and before the app) or a regular container (appended to `containers`);
-//! - its command line `gateway --listen 0.0.0.0:PORT --admin-listen 0.0.0.0:ADMIN
-//!   [--backend http://127.0.0.1:TARGET] [--control-url URL] [--admin-allow-unauthenticated]`;
-//! - the downward-API identity the control API needs (`POD_NAME`, `POD_NAMESPACE`);
-//! - a projected ServiceAccount token for the control API's audience, mounted read-only at
-//!   `/var/run/secrets/wsgate/token` (the gateway's default `--control-token-file`);
+//! - its command line `gateway --listen 0.0.0.0:PORT --admin-listen 0.0.0.0:ADMIN` and then
+//!   either `--control-url URL` (routes from the `WebSocketRoute`s whose `workloadSelector`
+//!   matches the pod) or, when the pod sets `wsgate.io/target-port`, `--backend
+//!   http://127.0.0.1:TARGET` (one catch-all route to the app, no control API; the gateway
+//!   refuses both together), plus `--admin-allow-unauthenticated` without an admin token;
+//! - the downward-API identity (`POD_NAME`, `POD_NAMESPACE`);
+//! - with the control API: a projected ServiceAccount token for its audience, mounted read-only
+//!   at `/var/run/secrets/wsgate/token` (the gateway's default `--control-token-file`);
 //! - readiness (`/readyz`), liveness and startup (`/healthz`) probes on the admin port;
 //! - a restricted `securityContext` and resource requests/limits;
 //! - the annotation `wsgate.io/injected: MODE` (and, in container mode,
@@ -78,7 +81,7 @@ pub struct InjectConfig {
     /// `Always`, `IfNotPresent` or `Never`.
     pub image_pull_policy: String,
     /// The controller's control API (`http://wsgate-controller.wsgate-system.svc:8081`);
-    /// `None`: sidecars serve only their `--backend` route.
+    /// `None`: every pod must set `wsgate.io/target-port` (a static `--backend` route).
     pub control_url: Option<String>,
     /// Audience of the projected token (the controller's `--token-audience`).
     pub token_audience: String,
@@ -88,7 +91,7 @@ pub struct InjectConfig {
     pub excluded_namespaces: BTreeSet<String>,
     /// `OTEL_EXPORTER_OTLP_ENDPOINT` for the sidecars.
     pub otel_endpoint: Option<String>,
-    /// `WSGATE_NATS_URL` for the sidecars.
+    /// `WSGATE_NATS` (the gateway's `--nats`) for the sidecars.
     pub nats_url: Option<String>,
     /// Minor version of the API server (`1.MINOR`) when known; native sidecars need ≥ 28.
     pub server_minor: Option<u32>,
@@ -243,9 +246,7 @@ impl Injector {
         }
         if options.target_port.is_none() && self.config.control_url.is_none() {
             problems.push(
-                "wsgate.io/target-port is required: the webhook has no control URL, so the sidecar's only \
-                 route is its --backend"
-                    .to_owned(),
+                "wsgate.io/target-port is required: the webhook has no control URL to fetch routes from".to_owned(),
             );
         }
         if spec.volumes.iter().flatten().any(|v| v.name == TOKEN_VOLUME) {
@@ -304,10 +305,12 @@ impl Injector {
                 ops.push(add(&["metadata", "annotations", &key], Value::String(value)));
             }
         }
-        let volume = to_value(&self.token_volume());
-        match &spec.volumes {
-            Some(_) => ops.push(add(&["spec", "volumes", "-"], volume)),
-            None => ops.push(add(&["spec", "volumes"], Value::Array(vec![volume]))),
+        if self.uses_control_api(&options) {
+            let volume = to_value(&self.token_volume());
+            match &spec.volumes {
+                Some(_) => ops.push(add(&["spec", "volumes", "-"], volume)),
+                None => ops.push(add(&["spec", "volumes"], Value::Array(vec![volume]))),
+            }
         }
         let container = to_value(&container);
         match (options.sidecar_mode, &spec.init_containers) {
@@ -320,6 +323,11 @@ impl Injector {
             mode: options.sidecar_mode,
             warnings,
         }
+    }
+
+    /// Whether the sidecar fetches its routes from the control API (no `wsgate.io/target-port`).
+    fn uses_control_api(&self, o: &PodOptions) -> bool {
+        o.target_port.is_none() && self.config.control_url.is_some()
     }
 
     fn token_volume(&self) -> Volume {
@@ -348,11 +356,11 @@ impl Injector {
             "--admin-listen".to_owned(),
             format!("0.0.0.0:{}", o.admin_port),
         ];
-        if let Some(target) = o.target_port {
-            args.extend(["--backend".to_owned(), format!("http://127.0.0.1:{target}")]);
-        }
-        if let Some(url) = &self.config.control_url {
-            args.extend(["--control-url".to_owned(), url.clone()]);
+        match (o.target_port, &self.config.control_url) {
+            (Some(target), _) => args.extend(["--backend".to_owned(), format!("http://127.0.0.1:{target}")]),
+            (None, Some(url)) => args.extend(["--control-url".to_owned(), url.clone()]),
+            // Refused in `decide`.
+            (None, None) => {}
         }
         if o.admin_token_secret.is_none() {
             args.push("--admin-allow-unauthenticated".to_owned());
@@ -407,7 +415,7 @@ impl Injector {
             ));
         }
         if let Some(url) = &self.config.nats_url {
-            env.push(value("WSGATE_NATS_URL", url));
+            env.push(value("WSGATE_NATS", url));
         }
 
         let probe = |path: &str, period: i32, failures: i32| Probe {
@@ -479,12 +487,14 @@ impl Injector {
                 ..SecurityContext::default()
             }),
             termination_message_policy: Some("FallbackToLogsOnError".to_owned()),
-            volume_mounts: Some(vec![VolumeMount {
-                name: TOKEN_VOLUME.to_owned(),
-                mount_path: TOKEN_MOUNT_PATH.to_owned(),
-                read_only: Some(true),
-                ..VolumeMount::default()
-            }]),
+            volume_mounts: self.uses_control_api(o).then(|| {
+                vec![VolumeMount {
+                    name: TOKEN_VOLUME.to_owned(),
+                    mount_path: TOKEN_MOUNT_PATH.to_owned(),
+                    read_only: Some(true),
+                    ..VolumeMount::default()
+                }]
+            }),
             ..Container::default()
         }
     }

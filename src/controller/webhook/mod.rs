@@ -87,7 +87,7 @@ impl PullPolicy {
 #[derive(Debug, Clone, clap::Args)]
 pub struct WebhookArgs {
     /// Serve the sidecar-injection webhook.
-    #[arg(long = "webhook", env = "WSGATE_WEBHOOK")]
+    #[arg(id = "webhook", long = "webhook", env = "WSGATE_WEBHOOK")]
     pub enabled: bool,
     /// HTTPS address of the webhook.
     #[arg(long, default_value = "0.0.0.0:9443", env = "WSGATE_WEBHOOK_LISTEN")]
@@ -112,14 +112,19 @@ pub struct WebhookArgs {
     /// Cluster DNS domain, for the certificate's fully qualified name.
     #[arg(long, default_value = "cluster.local")]
     pub webhook_cluster_domain: String,
+    /// More certificate names, DNS or IP (comma-separated), for a webhook configuration that
+    /// calls a `url` instead of the Service.
+    #[arg(long, value_delimiter = ',')]
+    pub webhook_cert_extra_names: Vec<String>,
     /// Image of the injected gateway.
     #[arg(long, env = "WSGATE_INJECT_IMAGE", default_value = DEFAULT_IMAGE)]
     pub inject_image: String,
     /// Pull policy of the injected gateway.
     #[arg(long, value_enum, default_value = "IfNotPresent")]
     pub inject_image_pull_policy: PullPolicy,
-    /// Control API URL given to sidecars (`http://wsgate-controller.NAMESPACE.svc:8081`).
-    /// Without it, pods must set `wsgate.io/target-port`.
+    /// Control API URL given to sidecars (`http://wsgate-controller.NAMESPACE.svc:8081`): they
+    /// serve the `WebSocketRoute`s selecting their pod. Without it, pods must set
+    /// `wsgate.io/target-port` (a static route to the app).
     #[arg(long, env = "WSGATE_INJECT_CONTROL_URL")]
     pub inject_control_url: Option<String>,
     /// Namespaces never injected (comma-separated); the controller's own is always added.
@@ -162,7 +167,7 @@ pub struct WebhookArgs {
     /// `OTEL_EXPORTER_OTLP_ENDPOINT` for sidecars.
     #[arg(long, env = "WSGATE_INJECT_OTEL_ENDPOINT")]
     pub inject_otel_endpoint: Option<String>,
-    /// `WSGATE_NATS_URL` for sidecars.
+    /// NATS URL(s) for sidecars (their `WSGATE_NATS`, the gateway's `--nats`).
     #[arg(long, env = "WSGATE_INJECT_NATS_URL")]
     pub inject_nats_url: Option<String>,
 }
@@ -261,6 +266,21 @@ impl WebhookArgs {
                 errors.push(format!("--{flag} {name:?} is not a valid Kubernetes name"));
             }
         }
+        let extra_names: Vec<String> = self
+            .webhook_cert_extra_names
+            .iter()
+            .map(|n| n.trim().to_owned())
+            .filter(|n| !n.is_empty())
+            .collect();
+        for name in &extra_names {
+            let is_ip = name.parse::<std::net::IpAddr>().is_ok();
+            let is_dns = annotations::is_dns1123_subdomain(name);
+            if !is_ip && !is_dns {
+                errors.push(format!(
+                    "--webhook-cert-extra-names: {name:?} is neither a DNS name nor an IP address"
+                ));
+            }
+        }
         if !(600..=u32::MAX.into()).contains(&self.inject_token_expiration) {
             errors.push("--inject-token-expiration must be at least 600 seconds".to_owned());
         }
@@ -323,6 +343,7 @@ impl WebhookArgs {
                 service: self.webhook_service.clone(),
                 cluster_domain: self.webhook_cluster_domain.clone(),
                 webhook_configuration: self.webhook_configuration.clone(),
+                extra_names,
                 mode: self.webhook_cert_mode,
                 validity: Duration::from_secs(365 * 86_400),
                 renew_before: Duration::from_secs(30 * 86_400),
@@ -444,6 +465,33 @@ mod tests {
             .map_err(|e| e.to_string())?
             .args
             .to_config()
+    }
+
+    #[test]
+    fn flattens_beside_the_controller_flags() {
+        #[derive(Parser)]
+        struct Controller {
+            #[command(flatten)]
+            controller: crate::controller::ControllerArgs,
+            #[command(flatten)]
+            webhook: WebhookArgs,
+        }
+        // clap's debug assertions reject duplicate ids and flags at parse time.
+        let cli = Controller::try_parse_from([
+            "wsgate",
+            "--identity",
+            "ctl-0",
+            "--webhook",
+            "--webhook-namespace",
+            "ops",
+            "--lease-namespace",
+            "ops",
+        ])
+        .expect("parse");
+        assert!(cli.webhook.enabled);
+        assert_eq!(cli.controller.identity.as_deref(), Some("ctl-0"));
+        let config = cli.webhook.to_config().expect("config");
+        assert!(config.inject.excluded_namespaces.contains("ops"));
     }
 
     #[test]

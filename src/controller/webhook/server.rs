@@ -1,8 +1,9 @@
 //! The webhook's HTTPS server: `POST /inject` (AdmissionReview in and out), `GET /healthz`.
 //!
-//! HTTP/1.1 and HTTP/2 (ALPN) over rustls, the certificate from a [`CertStore`]. The work per
-//! request is a JSON decode, a pure decision and a JSON encode: well under a millisecond for an
-//! ordinary pod, far from the webhook's `timeoutSeconds`.
+//! HTTP/1.1 and HTTP/2 (ALPN) over rustls, the certificate from a
+//! [`CertStore`](super::CertStore). The work per request is a JSON decode, a pure decision and a
+//! JSON encode: well under a millisecond for an ordinary pod, far from the webhook's
+//! `timeoutSeconds`.
 
 use std::convert::Infallible;
 use std::sync::Arc;

@@ -173,16 +173,14 @@ fn existing_init_containers_run_before_the_sidecar() {
         .filter_map(|c| c["name"].as_str())
         .collect();
     assert_eq!(names, ["migrate", CONTAINER_NAME]);
-    let volumes: Vec<&str> = patched["spec"]["volumes"]
-        .as_array()
-        .expect("volumes")
-        .iter()
-        .filter_map(|v| v["name"].as_str())
-        .collect();
-    assert_eq!(volumes, ["data", TOKEN_VOLUME]);
     assert_eq!(patched["metadata"]["annotations"]["team"], json!("chat"));
-    let args = patched["spec"]["initContainers"][1]["args"].as_array().expect("args");
-    assert!(args.contains(&json!("http://127.0.0.1:3000")));
+    // wsgate.io/target-port: a static route to the app, no control API and so no token.
+    let sidecar = &patched["spec"]["initContainers"][1];
+    let args = sidecar["args"].as_array().expect("args");
+    assert!(args.contains(&json!("--backend")) && args.contains(&json!("http://127.0.0.1:3000")));
+    assert!(!args.contains(&json!("--control-url")), "the gateway refuses both");
+    assert_eq!(patched["spec"]["volumes"], json!([{"name": "data", "emptyDir": {}}]));
+    assert!(sidecar.get("volumeMounts").is_none());
 }
 
 #[test]
@@ -348,7 +346,7 @@ fn telemetry_and_nats_reach_the_sidecar_env() {
         env["OTEL_EXPORTER_OTLP_ENDPOINT"].as_deref(),
         Some("http://otel-collector.observability:4317")
     );
-    assert_eq!(env["WSGATE_NATS_URL"].as_deref(), Some("nats://nats.messaging:4222"));
+    assert_eq!(env["WSGATE_NATS"].as_deref(), Some("nats://nats.messaging:4222"));
     assert!(env.contains_key("POD_NAME") && env.contains_key("POD_NAMESPACE"));
 }
 
