@@ -48,7 +48,7 @@ enum Command {
     Crd,
     /// Kubernetes control plane: WebSocketRoute status, the control API for gateways and the
     /// sidecar-injection webhook.
-    Controller(wsgate::controller::ControllerArgs),
+    Controller(Box<wsgate::controller::ControllerArgs>),
     /// Try wsgate: a gateway in front of a built-in demo backend (echo and a GRIP chat room)
     /// with a web page at http://127.0.0.1:8080/.
     Demo(DemoArgs),
@@ -183,7 +183,7 @@ fn main() -> ExitCode {
             print!("{}", wsgate::controller::crd_yaml());
             ExitCode::SUCCESS
         }
-        Command::Controller(args) => rt.block_on(wsgate::controller::run(args)),
+        Command::Controller(args) => rt.block_on(wsgate::controller::run(*args)),
     };
     // Outside the runtime's own threads: the final export runs on its workers.
     if let Some(t) = tracing
