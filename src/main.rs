@@ -41,7 +41,7 @@ enum LogFormat {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the data plane.
-    Gateway(GatewayArgs),
+    Gateway(Box<GatewayArgs>),
     /// Publish a message to a channel through a gateway's publish API.
     Publish(PublishArgs),
     /// Print the WebSocketRoute CustomResourceDefinition (YAML).
@@ -176,7 +176,7 @@ fn main() -> ExitCode {
         }
     };
     let code = match cli.command {
-        Command::Gateway(args) => rt.block_on(gateway(args)),
+        Command::Gateway(args) => rt.block_on(gateway(*args)),
         Command::Demo(args) => rt.block_on(demo(args)),
         Command::Publish(args) => rt.block_on(publish(args)),
         Command::Crd => {
