@@ -261,6 +261,11 @@ async fn gateway(args: GatewayArgs) -> ExitCode {
             match wsgate::grip::nats::NatsBridge::connect(config, gw.registry.clone()).await {
                 Ok(bridge) => {
                     gw.on_channel = Some(bridge.channel_hook());
+                    let state = bridge.clone();
+                    // 1 connected, 0 not (disconnected, or still connecting).
+                    gw.metrics.set_nats_state_fn(move || {
+                        i64::from(state.state() == wsgate::grip::nats::NatsState::Connected)
+                    });
                     Some(bridge)
                 }
                 Err(e) => {

@@ -42,6 +42,8 @@ pub async fn handle(st: &AdminState, req: Request<Incoming>) -> Response<Respons
         return refusal.into_response();
     }
     let wants_json = accepts_json(req.headers());
+    // One span per publish (an incoming traceparent is its parent), with the delivery count.
+    let span = crate::telemetry::publish_span(req.headers());
     let body = match read_body(req, st.max_publish_body).await {
         Ok(body) => body,
         Err(refusal) => return refusal.into_response(),
@@ -50,7 +52,11 @@ pub async fn handle(st: &AdminState, req: Request<Incoming>) -> Response<Respons
         Ok(p) => p,
         Err(e) => return text_response(StatusCode::BAD_REQUEST, format!("{e}\n")),
     };
-    let delivered = st.hub.publish(&publish.items).await;
+    let delivered = {
+        use tracing::Instrument;
+        st.hub.publish(&publish.items).instrument(span.clone()).await
+    };
+    crate::telemetry::record_publish(&span, publish.items.len(), delivered);
     tracing::debug!(items = publish.items.len(), delivered, "published");
     if wants_json {
         json_response(StatusCode::OK, r#"{"message":"Published"}"#)
