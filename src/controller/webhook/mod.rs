@@ -473,8 +473,6 @@ mod tests {
         struct Controller {
             #[command(flatten)]
             controller: crate::controller::ControllerArgs,
-            #[command(flatten)]
-            webhook: WebhookArgs,
         }
         // clap's debug assertions reject duplicate ids and flags at parse time.
         let cli = Controller::try_parse_from([
@@ -488,9 +486,9 @@ mod tests {
             "ops",
         ])
         .expect("parse");
-        assert!(cli.webhook.enabled);
+        assert!(cli.controller.webhook.enabled);
         assert_eq!(cli.controller.identity.as_deref(), Some("ctl-0"));
-        let config = cli.webhook.to_config().expect("config");
+        let config = cli.controller.webhook.to_config().expect("config");
         assert!(config.inject.excluded_namespaces.contains("ops"));
     }
 
