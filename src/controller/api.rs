@@ -340,7 +340,13 @@ async fn handle(api: &ControlApi, req: Request<Incoming>) -> Response<Full<Bytes
                 respond(error.status(), "text/plain", format!("{error}\n"))
             }
         },
-        (_, SNAPSHOT_PATH | "/healthz" | "/readyz") => {
+        (&http::Method::GET, "/metrics") => {
+            let format = crate::metrics::Format::negotiate(req.headers().get(header::ACCEPT));
+            let mut exposition = crate::metrics::Exposition::new(format);
+            crate::metrics::encode_controller(&mut exposition, &api.metrics.snapshot(), None);
+            respond(StatusCode::OK, format.content_type(), exposition.finish())
+        }
+        (_, SNAPSHOT_PATH | "/healthz" | "/readyz" | "/metrics") => {
             respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n")
         }
         _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n"),

@@ -698,6 +698,16 @@ pub async fn routes_get_status_events_and_snapshots(cluster: &Cluster) {
     gateways_are_authenticated(cluster, &ctl).await;
     let m = ctl.metrics.snapshot();
     assert!(m.reconciles > 0 && m.status_writes > 0 && m.events >= 3, "{m:?}");
+    // The same counters are scraped from the control API's /metrics.
+    let (status, _, body) = http_request(ctl.addr, "GET", "/metrics", &[], b"").await;
+    assert_eq!(status, 200);
+    let text = String::from_utf8_lossy(&body);
+    let reconciles = text
+        .lines()
+        .find_map(|l| l.strip_prefix("wsgate_controller_reconciles_total "))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no wsgate_controller_reconciles_total in:\n{text}"));
+    assert!(reconciles >= m.reconciles, "{reconciles} < {}", m.reconciles);
     ctl.stop().await;
 }
 
