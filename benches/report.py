@@ -1,0 +1,254 @@
+#!/usr/bin/env python3
+"""Turns the load generator's JSON lines (one per run) into the Markdown report of benches/run:
+tables with absolute numbers, ratios (wsgate/direct, wsgate/Pushpin) and the issue-7 targets."""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+
+
+def load(path):
+    rows = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            label = r.get("label", "")
+            if r.get("round"):
+                label += f"#r{int(r['round'])}"
+            rows[label] = r
+    return rows
+
+
+def num(v, digits=1):
+    if v is None:
+        return "–"
+    if isinstance(v, (int, float)):
+        if abs(v) >= 1000:
+            return f"{v:,.0f}"
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def ratio(a, b, digits=2):
+    if a is None or b in (None, 0):
+        return "–"
+    return f"{a / b:.{digits}f}×"
+
+
+def get(rows, label, key):
+    r = rows.get(label)
+    if not r or r.get("failed"):
+        return None
+    return r.get(key)
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+class Checks:
+    def __init__(self):
+        self.rows = []
+
+    def add(self, what, measured, ok):
+        verdict = "n/a" if ok is None else ("**pass**" if ok else "**FAIL**")
+        self.rows.append((what, measured, verdict))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("results")
+    ap.add_argument("--load-start", default="?")
+    ap.add_argument("--load-end", default="?")
+    ap.add_argument("--elapsed", default="?")
+    ap.add_argument("--pushpin-version", default="?")
+    ap.add_argument("--wsgate-rev", default="?")
+    ap.add_argument("--quick", default="0")
+    a = ap.parse_args()
+    rows = load(a.results)
+    out = []
+    w = out.append
+    checks = Checks()
+
+    w("# wsgate benchmark: latest run\n")
+    if a.quick == "1":
+        w("**Smoke run (BENCH_QUICK=1): small counts, not the issue-7 scenarios.**\n")
+    w(f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
+      f"wsgate {a.wsgate_rev}; Pushpin {a.pushpin_version} (Debian package); elapsed {a.elapsed} s")
+    w(f"- machine: {os.cpu_count()} cores ({cpu_model()}), Linux {platform.release()}")
+    w(f"- load average (1/5/15 min) at start: {a.load_start}; at end: {a.load_end}")
+    w("- the load generator, the backend and the system under test share these cores, and other "
+      "work on the machine adds to the load average: absolute numbers are noisy, the ratios "
+      "between targets measured back to back in this run are what count.")
+    w("- CPU is utime+stime of the target's process tree from /proc (Pushpin: runner, condure, "
+      "pushpin-proxy, pushpin-handler and zurl); the backend's and the generator's CPU are not "
+      "included (the generator's is shown separately as \"gen\").\n")
+
+    # ---------------------------------------------------------------- echo
+    w("## Echo (64-byte messages, closed loop)\n")
+    w("| in flight | target | msgs/s | p50 ms | p99 ms | p99.9 ms | CPU µs/msg | target CPU cores | gen CPU µs/msg | load |")
+    w("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for k in (1, 16):
+        for t in ("wsgate", "direct", "pushpin"):
+            lab = f"echo{k}:{t}"
+            r = rows.get(lab, {})
+            if r.get("failed") or not r:
+                w(f"| {k} | {t} | failed | | | | | | | |")
+                continue
+            w(f"| {k} | {t} | {num(r.get('msgs_per_s'), 0)} | {num(r.get('p50_ms'), 2)} | "
+              f"{num(r.get('p99_ms'), 2)} | {num(r.get('p999_ms'), 2)} | {num(r.get('cpu_us_per_msg'), 2)} | "
+              f"{num(r.get('cpu_util'), 2)} | {num(r.get('gen_cpu_us_per_msg'), 2)} | {num(r.get('loadavg_before'), 2)} |")
+    w("")
+    w("| in flight | msgs/s wsgate/direct | CPU/msg wsgate/direct | msgs/s wsgate/Pushpin | CPU/msg wsgate/Pushpin |")
+    w("|---|---:|---:|---:|---:|")
+    for k in (1, 16):
+        ws, d, p = (get(rows, f"echo{k}:{t}", "msgs_per_s") for t in ("wsgate", "direct", "pushpin"))
+        cw, cd, cp = (get(rows, f"echo{k}:{t}", "cpu_us_per_msg") for t in ("wsgate", "direct", "pushpin"))
+        w(f"| {k} | {ratio(ws, d)} | {ratio(cw, cd)} | {ratio(ws, p, 1)} | {ratio(cw, cp, 3)} |")
+        if ws and d:
+            checks.add(f"echo ×{k}: throughput ≥ 0.5× direct", f"{ws / d:.2f}×", ws / d >= 0.5)
+        if k == 1 and cw and cd:
+            checks.add("echo ×1: CPU/msg ≤ 2× direct", f"{cw / cd:.2f}×", cw / cd <= 2.0)
+        if ws and p:
+            checks.add(f"echo ×{k}: throughput ≥ 20× Pushpin", f"{ws / p:.1f}×", ws / p >= 20)
+        if cw and cp:
+            checks.add(f"echo ×{k}: CPU/msg ≤ 1/20 of Pushpin", f"{cw / cp:.3f}×", cw / cp <= 0.05)
+    w("")
+
+    # ---------------------------------------------------------------- http
+    w("## HTTP pass-through (GET, keep-alive, small response)\n")
+    w("| target | req/s | p50 ms | p99 ms | CPU µs/req | gen CPU µs/req | vs direct |")
+    w("|---|---:|---:|---:|---:|---:|---:|")
+    d = get(rows, "http:direct", "reqs_per_s")
+    for t in ("wsgate", "direct", "pushpin"):
+        r = rows.get(f"http:{t}", {})
+        if r.get("failed") or not r:
+            w(f"| {t} | failed | | | | | |")
+            continue
+        w(f"| {t} | {num(r.get('reqs_per_s'), 0)} | {num(r.get('p50_ms'), 2)} | {num(r.get('p99_ms'), 2)} | "
+          f"{num(r.get('cpu_us_per_req'), 2)} | {num(r.get('gen_cpu_us_per_req'), 2)} | {ratio(r.get('reqs_per_s'), d)} |")
+    hw = get(rows, "http:wsgate", "reqs_per_s")
+    if hw and d:
+        checks.add("http: ≥ 0.7× the backend's direct rate", f"{hw / d:.2f}×", hw / d >= 0.7)
+    w("\n\"direct\" is the load generator straight at the backend (the HTTP leg's limit); its CPU column is the backend's.\n")
+
+    # ---------------------------------------------------------------- fanout
+    fan = sorted({int(l[6:].split(":")[0]) for l in rows if l.startswith("fanout")})
+    w("## Fanout (one channel; 64-byte publishes over HTTP)\n")
+    w("Round \"burst\": each publish is sent once the previous one was answered (capacity). "
+      "Round \"paced\": publishes at a fixed interval (latency under a sustainable load).\n")
+    w("| subscribers | target | round | delivered / expected | deliveries/s | p50 ms | p99 ms | max ms | CPU µs/delivery | gen CPU µs/delivery | publish s | connect s |")
+    w("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for n in fan:
+        for t in ("wsgate", "pushpin"):
+            for suffix in ("", "#r1"):
+                lab = f"fanout{n}:{t}{suffix}"
+                r = rows.get(lab)
+                if r is None:
+                    continue
+                if r.get("failed"):
+                    w(f"| {n:,} | {t} | | failed | | | | | | | | |")
+                    continue
+                iv = r.get("interval_ms") or 0
+                rnd = "burst" if iv == 0 else f"paced {iv:.0f} ms"
+                w(f"| {n:,} | {t} | {rnd} | {num(r.get('delivered'), 0)} / {num(r.get('expected'), 0)} | "
+                  f"{num(r.get('deliveries_per_s'), 0)} | {num(r.get('p50_ms'), 1)} | {num(r.get('p99_ms'), 1)} | "
+                  f"{num(r.get('max_ms'), 1)} | {num(r.get('cpu_us_per_delivery'), 2)} | "
+                  f"{num(r.get('gen_cpu_us_per_delivery'), 2)} | {num(r.get('publish_s'), 2)} | {num(r.get('connect_s'), 1)} |")
+    w("")
+    w("| subscribers | deliveries/s wsgate/Pushpin | CPU/delivery wsgate/Pushpin |")
+    w("|---:|---:|---:|")
+    for n in fan:
+        dw, dp = get(rows, f"fanout{n}:wsgate", "deliveries_per_s"), get(rows, f"fanout{n}:pushpin", "deliveries_per_s")
+        cw, cp = get(rows, f"fanout{n}:wsgate", "cpu_us_per_delivery"), get(rows, f"fanout{n}:pushpin", "cpu_us_per_delivery")
+        if dp is None and cp is None:
+            continue
+        w(f"| {n:,} | {ratio(dw, dp, 1)} | {ratio(cw, cp, 3)} |")
+    main_n = 10000 if 10000 in fan else (max(fan) if fan else None)
+    if main_n is not None:
+        for suffix in ("", "#r1"):
+            r = rows.get(f"fanout{main_n}:wsgate{suffix}", {})
+            if not r or r.get("failed"):
+                continue
+            rnd = "burst" if not r.get("interval_ms") else f"paced {r['interval_ms']:.0f} ms"
+            exp, dl = r.get("expected"), r.get("delivered")
+            checks.add(f"fanout {main_n:,} ({rnd}): all {num(exp, 0)} deliveries complete", f"{num(dl, 0)}", dl == exp)
+            p99 = r.get("p99_ms")
+            checks.add(f"fanout {main_n:,} ({rnd}): p99 delivery latency < 250 ms", f"{num(p99, 1)} ms",
+                       p99 is not None and p99 < 250)
+            c = r.get("cpu_us_per_delivery")
+            checks.add(f"fanout {main_n:,} ({rnd}): CPU ≤ 1 µs per delivery", f"{num(c, 2)} µs", c is not None and c <= 1.0)
+        dw, dp = get(rows, f"fanout{main_n}:wsgate", "deliveries_per_s"), get(rows, f"fanout{main_n}:pushpin", "deliveries_per_s")
+        if dw and dp:
+            checks.add(f"fanout {main_n:,}: deliveries/s ≥ 20× Pushpin (burst)", f"{dw / dp:.1f}×", dw / dp >= 20)
+    if len(fan) >= 2:
+        lo, hi = min(fan), max(fan)
+        cl, ch = get(rows, f"fanout{lo}:wsgate", "cpu_us_per_delivery"), get(rows, f"fanout{hi}:wsgate", "cpu_us_per_delivery")
+        if cl and ch:
+            checks.add(f"fanout scales linearly: CPU/delivery at {hi:,} ≤ 1.5× at {lo:,}", f"{ch / cl:.2f}×", ch / cl <= 1.5)
+    w("\nThe subscribers and the publisher are one generator process; each message carries the time its publish request started, so latency is publish start → receipt. Pushpin's burst round waits at most 30 s for deliveries; its deliveries/s counts what arrived.\n")
+
+    # ---------------------------------------------------------------- idle
+    w("## Idle connections (4 generator processes, source addresses 127.0.0.2–101)\n")
+    w("| target | open | setup conns/s | setup CPU µs/conn | RSS KiB/conn above baseline | RSS MiB (baseline) | failed |")
+    w("|---|---:|---:|---:|---:|---:|---:|")
+    per_conn = {}
+    for t in ("wsgate", "direct", "pushpin"):
+        r = rows.get(f"idle:{t}", {})
+        if r.get("failed") or not r:
+            w(f"| {t} | failed | | | | | |")
+            continue
+        for s in r.get("steps", []):
+            per_conn[(t, s.get("target"))] = s
+            w(f"| {t} | {num(s.get('open'), 0)} | {num(s.get('setup_per_s'), 0)} | {num(s.get('setup_cpu_us_per_conn'), 0)} | "
+              f"{num(s.get('rss_kib_per_conn'), 2)} | {num(s.get('rss_kib', 0) / 1024, 1)} ({num(s.get('rss_base_kib', 0) / 1024, 1)}) | "
+              f"{num(s.get('failed'), 0)} |")
+    w("\n\"direct\" is the plain tokio-tungstenite echo server with its default buffers; setup includes the backend OPEN round trip for wsgate and Pushpin (none for direct).\n")
+    ws_steps = [s for (t, _), s in per_conn.items() if t == "wsgate"]
+    if ws_steps:
+        top = max(ws_steps, key=lambda s: s.get("open", 0))
+        kib = top.get("rss_kib_per_conn")
+        checks.add(f"idle: ≤ 4 KiB RSS per connection (at {num(top.get('open'), 0)})", f"{num(kib, 2)} KiB",
+                   kib is not None and kib <= 4.0)
+        rate = max((s.get("setup_per_s") or 0) for s in ws_steps)
+        checks.add("idle: ≥ 10,000 new connections/s accepted (best step)", f"{num(rate, 0)}/s", rate >= 10000)
+        if top.get("failed"):
+            checks.add("idle: no failed connections", f"{top.get('failed')} failed", False)
+        lo = min(ws_steps, key=lambda s: s.get("open", 0))
+        if lo is not top and lo.get("rss_kib_per_conn") and kib:
+            checks.add(f"idle scales linearly: KiB/conn at {num(top.get('open'), 0)} ≤ 1.5× at {num(lo.get('open'), 0)}",
+                       f"{kib / lo['rss_kib_per_conn']:.2f}×", kib / lo["rss_kib_per_conn"] <= 1.5)
+
+    # ---------------------------------------------------------------- targets
+    w("## Targets (issue 7)\n")
+    w("| target | measured | result |")
+    w("|---|---:|---|")
+    for what, measured, verdict in checks.rows:
+        w(f"| {what} | {measured} | {verdict} |")
+    failed = [r for r in rows.values() if r.get("failed")]
+    if failed:
+        w(f"\n{len(failed)} load-generator run(s) failed: {', '.join(r.get('label', '?') for r in failed)}.")
+    errs = [(l, r.get("first_error")) for l, r in rows.items() if r.get("errors") and r.get("first_error")]
+    for l, e in errs:
+        w(f"\n- {l}: {e}")
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
