@@ -343,7 +343,11 @@ async fn handle(api: &ControlApi, req: Request<Incoming>) -> Response<Full<Bytes
         (&http::Method::GET, "/metrics") => {
             let format = crate::metrics::Format::negotiate(req.headers().get(header::ACCEPT));
             let mut exposition = crate::metrics::Exposition::new(format);
-            crate::metrics::encode_controller(&mut exposition, &api.metrics.snapshot(), None);
+            crate::metrics::encode_controller(
+                &mut exposition,
+                &api.metrics.snapshot(),
+                Some(&api.metrics.reconcile_duration),
+            );
             respond(StatusCode::OK, format.content_type(), exposition.finish())
         }
         (_, SNAPSHOT_PATH | "/healthz" | "/readyz" | "/metrics") => {

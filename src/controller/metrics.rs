@@ -24,6 +24,8 @@ pub struct ControllerMetrics {
     pub leader_acquisitions: AtomicU64,
     /// Whether this instance holds the Lease now.
     pub leader: AtomicBool,
+    /// How long reconciles take (`wsgate_controller_reconcile_duration_seconds`).
+    pub reconcile_duration: crate::metrics::Histogram,
 }
 
 /// The counters' values at one moment.

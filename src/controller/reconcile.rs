@@ -205,6 +205,24 @@ fn new_problems<'a>(old: Option<&WebSocketRouteStatus>, new: &'a WebSocketRouteS
 }
 
 pub(crate) async fn reconcile(route: Arc<WebSocketRoute>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
+    use tracing::Instrument;
+    let span = crate::telemetry::reconcile_span(
+        "WebSocketRoute",
+        route.namespace().as_deref().unwrap_or(""),
+        &route.name_any(),
+    );
+    let started = std::time::Instant::now();
+    let metrics = ctx.metrics.clone();
+    let result = reconcile_route(route, ctx).instrument(span.clone()).await;
+    metrics.reconcile_duration.observe(started.elapsed(), None);
+    if let Err(e) = &result {
+        span.record("error.type", e.to_string());
+        span.record("otel.status_code", "ERROR");
+    }
+    result
+}
+
+async fn reconcile_route(route: Arc<WebSocketRoute>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
     ControllerMetrics::inc(&ctx.metrics.reconciles);
     if !*ctx.leader.borrow() {
         // Followers keep their caches warm and serve snapshots; only the leader writes.

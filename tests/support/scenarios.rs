@@ -708,6 +708,12 @@ pub async fn routes_get_status_events_and_snapshots(cluster: &Cluster) {
         .and_then(|v| v.trim().parse::<u64>().ok())
         .unwrap_or_else(|| panic!("no wsgate_controller_reconciles_total in:\n{text}"));
     assert!(reconciles >= m.reconciles, "{reconciles} < {}", m.reconciles);
+    let timed = text
+        .lines()
+        .find_map(|l| l.strip_prefix("wsgate_controller_reconcile_duration_seconds_count "))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no reconcile duration histogram in:\n{text}"));
+    assert!(timed > 0, "reconciles are timed");
     ctl.stop().await;
 }
 
