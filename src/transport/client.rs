@@ -466,7 +466,8 @@ impl Driver {
         self.apply_actions();
         // Give the client a bounded time to take what is left (close frame included).
         if !self.wbuf.is_empty() {
-            let deadline = tokio::time::sleep(Duration::from_secs(5));
+            // Bounded by the route's close timeout, like the close handshake itself.
+            let deadline = tokio::time::sleep(self.conn.template.route.timeouts.close);
             tokio::pin!(deadline);
             loop {
                 self.try_flush();
