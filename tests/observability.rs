@@ -812,3 +812,69 @@ async fn the_dashboard_queries_only_exported_metrics() {
         );
     }
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_publish_has_its_own_span_with_item_and_delivery_counts() {
+    use wsgate::protocol::control::{ControlMessage, encode_control};
+    use wsgate::protocol::events::Event;
+    let collector = Collector::start().await;
+    let cfg = TraceConfig::new(format!("http://{}/v1/traces", collector.addr), Protocol::HttpProtobuf);
+    let tracing = Arc::new(Tracing::start(&cfg).expect("tracer"));
+    let (dispatch, _logs) =
+        telemetry::subscriber(LogFormat::Text, "off", std::io::sink, Some(&tracing)).expect("subscriber");
+    let _guard = tracing::dispatcher::set_default(&dispatch);
+
+    let backend = Backend::start(|r| {
+        if r.events().contains(&Event::Open) {
+            Reply::events(&[
+                Event::Open,
+                Event::Text(encode_control(&ControlMessage::Subscribe {
+                    channel: "news".into(),
+                    filters: vec![],
+                })),
+            ])
+            .header("sec-websocket-extensions", "grip")
+        } else {
+            Reply::events(&[])
+        }
+    })
+    .await;
+    let gw = TestGateway::start(&backend.url()).await;
+    let mut client = gw.connect("/").await;
+    let publisher_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let body = br#"{"items":[{"channel":"news","formats":{"ws-message":{"content":"extra"}}},{"channel":"nobody","formats":{"ws-message":{"content":"x"}}}]}"#;
+    let (status, _, _) = http_request(
+        gw.admin,
+        "POST",
+        "/publish/",
+        &[
+            ("content-type", "application/json"),
+            ("traceparent", &format!("00-{publisher_trace}-00f067aa0ba902b7-01")),
+        ],
+        body,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    client.expect_text("extra").await;
+
+    flush(&tracing).await;
+    let spans = collector.spans();
+    let publish = one(&spans, "publish");
+    assert_eq!(
+        hex(&publish.trace_id),
+        publisher_trace,
+        "the publisher's trace is continued"
+    );
+    assert_eq!(attr_int(publish, "wsgate.items"), 2);
+    assert_eq!(
+        attr_int(publish, "wsgate.deliveries"),
+        1,
+        "one subscriber of news, none of nobody"
+    );
+
+    let t = tracing.clone();
+    tokio::task::spawn_blocking(move || t.shutdown())
+        .await
+        .expect("shutdown task")
+        .expect("shutdown");
+}
