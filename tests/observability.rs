@@ -6,6 +6,9 @@
 //! `tracing::dispatcher::set_default`, so the gateway's tasks (all on the test thread) log and
 //! trace into it without touching the process-wide subscriber or any environment variable.
 
+#[path = "support/scenarios.rs"]
+#[allow(dead_code)]
+mod scenarios;
 mod support;
 
 use std::collections::HashMap;
@@ -871,6 +874,43 @@ async fn a_publish_has_its_own_span_with_item_and_delivery_counts() {
         1,
         "one subscriber of news, none of nobody"
     );
+
+    let t = tracing.clone();
+    tokio::task::spawn_blocking(move || t.shutdown())
+        .await
+        .expect("shutdown task")
+        .expect("shutdown");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn controller_reconciles_are_traced() {
+    let collector = Collector::start().await;
+    let cfg = TraceConfig::new(format!("http://{}/v1/traces", collector.addr), Protocol::HttpProtobuf);
+    let tracing = Arc::new(Tracing::start(&cfg).expect("tracer"));
+    let (dispatch, _logs) =
+        telemetry::subscriber(LogFormat::Text, "off", std::io::sink, Some(&tracing)).expect("subscriber");
+    let _guard = tracing::dispatcher::set_default(&dispatch);
+
+    let cluster = scenarios::Cluster::fake().await;
+    let mut ctl = scenarios::RunningController::start(cluster.controller_client.clone(), "ctl-0").await;
+    ctl.wait_leader(true).await;
+    scenarios::created_route_is_accepted(&cluster).await;
+    ctl.stop().await;
+
+    flush(&tracing).await;
+    let spans = collector.spans();
+    let reconciles: Vec<&ProtoSpan> = spans
+        .iter()
+        .filter(|s| s.name == "controller.reconcile" && attr_str(s, "k8s.resource.name") == "chat")
+        .collect();
+    assert!(
+        !reconciles.is_empty(),
+        "no reconcile span for the route in {:?}",
+        names(&spans)
+    );
+    let r = reconciles[0];
+    assert_eq!(attr_str(r, "k8s.resource.kind"), "WebSocketRoute");
+    assert_eq!(attr_str(r, "k8s.namespace.name"), cluster.ns);
 
     let t = tracing.clone();
     tokio::task::spawn_blocking(move || t.shutdown())
