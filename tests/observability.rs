@@ -7,7 +7,6 @@
 //! trace into it without touching the process-wide subscriber or any environment variable.
 
 #[path = "support/scenarios.rs"]
-#[allow(dead_code)]
 mod scenarios;
 mod support;
 
