@@ -171,10 +171,19 @@ struct Driver {
 /// the handshake.
 pub async fn run(io: TcpStream, leftover: Bytes, conn: Connection) -> Summary {
     let decoder = FrameDecoder::new(conn.max_message_bytes);
+    // `leftover` is a slice of hyper's read buffer: copy what it holds and release it now, or
+    // the whole buffer would stay alive as long as the connection (a parameter of an async fn
+    // lives until the function returns).
+    let rbuf = if leftover.is_empty() {
+        BytesMut::new()
+    } else {
+        BytesMut::from(&leftover[..])
+    };
+    drop(leftover);
     let mut d = Driver {
         conn,
         io,
-        rbuf: BytesMut::from(&leftover[..]),
+        rbuf,
         wbuf: BytesMut::new(),
         decoder,
         reading: true,

@@ -37,7 +37,7 @@ pub async fn run(a: &Args) -> Result<()> {
         bail!("--conns must be 1..=19000 and --inflight at least 1");
     }
 
-    let opened = open_all(&target, conns, concurrency, sources).await?;
+    let (opened, handshake_retries) = open_all(&target, conns, concurrency, sources).await?;
     let mut frame = BytesMut::new();
     ws::put_frame(&mut frame, OP_TEXT, &vec![b'x'; size]);
     let frame: Arc<[u8]> = Arc::from(&frame[..]);
@@ -98,6 +98,7 @@ pub async fn run(a: &Args) -> Result<()> {
         .num("gen_cpu_util", (self_after - self_before) / 1e6 / elapsed)
         .num("loadavg_before", load_before)
         .num("loadavg_after", stats::loadavg())
+        .num("handshake_retries", handshake_retries as f64)
         .num("errors", errors as f64)
         .str("first_error", &first_error)
         .end();
@@ -105,21 +106,41 @@ pub async fn run(a: &Args) -> Result<()> {
     Ok(())
 }
 
-/// Opens `n` connections, at most `concurrency` handshakes at a time.
-pub async fn open_all(t: &Target, n: usize, concurrency: usize, sources: usize) -> Result<Vec<WsConn>> {
-    let results: Vec<Result<WsConn>> = futures_util::stream::iter(0..n)
+/// Handshake attempts per connection in [`open_all`] (Pushpin answers some handshakes of a
+/// burst with `502`; a client would retry).
+const HANDSHAKE_ATTEMPTS: u32 = 5;
+
+/// Opens `n` connections, at most `concurrency` handshakes at a time, retrying a refused
+/// handshake up to [`HANDSHAKE_ATTEMPTS`] times. Returns the connections and the retries made.
+pub async fn open_all(t: &Target, n: usize, concurrency: usize, sources: usize) -> Result<(Vec<WsConn>, u64)> {
+    let results: Vec<(Result<WsConn>, u64)> = futures_util::stream::iter(0..n)
         .map(|i| {
             let t = t.clone();
-            async move { ws::connect(&t, Some(ws::source_ip(i, sources)), Duration::from_secs(30)).await }
+            async move {
+                let src = Some(ws::source_ip(i, sources));
+                let mut retries = 0;
+                // Bounded: HANDSHAKE_ATTEMPTS tries, each bounded by its timeout.
+                loop {
+                    match ws::connect(&t, src, Duration::from_secs(30)).await {
+                        Err(_) if retries + 1 < u64::from(HANDSHAKE_ATTEMPTS) => {
+                            retries += 1;
+                            tokio::time::sleep(Duration::from_millis(50 * retries)).await;
+                        }
+                        r => return (r, retries),
+                    }
+                }
+            }
         })
         .buffer_unordered(concurrency.max(1))
         .collect()
         .await;
     let mut out = Vec::with_capacity(n);
-    for r in results {
+    let mut retries = 0;
+    for (r, k) in results {
         out.push(r?);
+        retries += k;
     }
-    Ok(out)
+    Ok((out, retries))
 }
 
 async fn echo_conn(mut c: WsConn, frame: Arc<[u8]>, inflight: usize, deadline: Instant) -> ConnResult {

@@ -90,7 +90,7 @@ pub async fn run(a: &Args) -> Result<()> {
         last_us: Default::default(),
     });
     let t_connect = Instant::now();
-    let conns = open_all(&target, subs, concurrency, sources).await?;
+    let (conns, handshake_retries) = open_all(&target, subs, concurrency, sources).await?;
     let connect_s = t_connect.elapsed().as_secs_f64();
     let (stop_tx, stop_rx) = watch::channel(false);
     let tasks: Vec<_> = conns
@@ -224,6 +224,7 @@ pub async fn run(a: &Args) -> Result<()> {
             .num("gen_cpu_us_per_delivery", gen_cpu / n)
             .num("loadavg_before", load_before)
             .num("loadavg_after", stats::loadavg())
+            .num("handshake_retries", handshake_retries as f64)
             .num("errors", errors as f64)
             .str("first_error", &first_error)
             .end();
