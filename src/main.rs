@@ -123,6 +123,9 @@ struct GatewayArgs {
     /// Most request headers accepted from a client.
     #[arg(long, default_value_t = 100)]
     max_headers: usize,
+    /// Accept queue of the client listener (connections the kernel holds before accept).
+    #[arg(long, default_value_t = 4096)]
+    listen_backlog: u32,
     /// Require `Authorization: Bearer TOKEN` on the publish and connection APIs.
     #[arg(long, env = "WSGATE_ADMIN_TOKEN", conflicts_with = "publish_jwt_key")]
     admin_token: Option<String>,
@@ -282,7 +285,7 @@ async fn gateway(args: GatewayArgs) -> ExitCode {
     };
     let gw = Arc::new(gw);
     let stop = CancellationToken::new();
-    let listener = match tokio::net::TcpListener::bind(args.listen).await {
+    let listener = match server::bind_listener(args.listen, args.listen_backlog) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("wsgate: cannot listen on {}: {e}", args.listen);
@@ -387,6 +390,7 @@ async fn demo(args: DemoArgs) -> ExitCode {
         close_pacing: DurationSpec::from_millis(100),
         shutdown_timeout: DurationSpec::from_secs(5),
         max_headers: 100,
+        listen_backlog: 4096,
         admin_token: None,
         publish_jwt_key: None,
         admin_allow_unauthenticated: false,

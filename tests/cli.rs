@@ -415,3 +415,17 @@ async fn publish_subcommand_reaches_subscribers() {
     assert!(out.status.success());
     assert_eq!(c.expect_close().await, (4001, "bye".to_owned()));
 }
+
+#[tokio::test]
+async fn client_listener_has_the_configured_accept_queue() {
+    let backend = Backend::echo().await;
+    let p = Proc::start(&["--backend", &backend.url(), "--listen-backlog", "2048"]).await;
+    // `ss` reports a listening socket's accept queue limit in its Send-Q column.
+    let out = Command::new("ss")
+        .args(["-ltnH", &format!("sport = :{}", p.addr.port())])
+        .output()
+        .expect("ss (iproute2)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let send_q: Vec<&str> = text.lines().filter_map(|l| l.split_whitespace().nth(2)).collect();
+    assert_eq!(send_q, vec!["2048"], "{text}");
+}

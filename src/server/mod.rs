@@ -194,6 +194,23 @@ pub fn now_std() -> std::time::Instant {
     tokio::time::Instant::now().into_std()
 }
 
+/// Binds a listener with `SO_REUSEADDR` and an accept queue of `backlog` connections
+/// (tokio's `TcpListener::bind` uses 128, which drops SYNs under handshake bursts).
+///
+/// # Errors
+///
+/// When the socket cannot be created, bound or put in listening state.
+pub fn bind_listener(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
 /// Body type of responses to clients.
 pub type ResponseBody = ProxyBody;
 
