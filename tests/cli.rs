@@ -352,22 +352,7 @@ fn non_loopback_admin_without_auth_is_refused() {
 
 #[tokio::test]
 async fn publish_subcommand_reaches_subscribers() {
-    use wsgate::protocol::control::{ControlMessage, encode_control};
-    let backend = Backend::start(|r| {
-        if r.events().contains(&Event::Open) {
-            Reply::events(&[
-                Event::Open,
-                Event::Text(encode_control(&ControlMessage::Subscribe {
-                    channel: "news".into(),
-                    filters: vec![],
-                })),
-            ])
-            .header("sec-websocket-extensions", "grip")
-        } else {
-            Reply::events(&[])
-        }
-    })
-    .await;
+    let backend = grip_subscriber_backend("news").await;
     let p = Proc::start(&["--backend", &backend.url(), "--admin-token", "s3cret"]).await;
     let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/", p.addr))
         .await

@@ -817,8 +817,6 @@ async fn the_dashboard_queries_only_exported_metrics() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_publish_has_its_own_span_with_item_and_delivery_counts() {
-    use wsgate::protocol::control::{ControlMessage, encode_control};
-    use wsgate::protocol::events::Event;
     let collector = Collector::start().await;
     let cfg = TraceConfig::new(format!("http://{}/v1/traces", collector.addr), Protocol::HttpProtobuf);
     let tracing = Arc::new(Tracing::start(&cfg).expect("tracer"));
@@ -826,21 +824,7 @@ async fn a_publish_has_its_own_span_with_item_and_delivery_counts() {
         telemetry::subscriber(LogFormat::Text, "off", std::io::sink, Some(&tracing)).expect("subscriber");
     let _guard = tracing::dispatcher::set_default(&dispatch);
 
-    let backend = Backend::start(|r| {
-        if r.events().contains(&Event::Open) {
-            Reply::events(&[
-                Event::Open,
-                Event::Text(encode_control(&ControlMessage::Subscribe {
-                    channel: "news".into(),
-                    filters: vec![],
-                })),
-            ])
-            .header("sec-websocket-extensions", "grip")
-        } else {
-            Reply::events(&[])
-        }
-    })
-    .await;
+    let backend = grip_subscriber_backend("news").await;
     let gw = TestGateway::start(&backend.url()).await;
     let mut client = gw.connect("/").await;
     let publisher_trace = "4bf92f3577b34da6a3ce929d0e0e4736";

@@ -7,7 +7,6 @@
 //! first and, when the connection is not here and NATS is connected, asked of the other
 //! replicas with a short timeout.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -179,9 +178,4 @@ impl Hub {
         )
         .await
     }
-}
-
-/// Item meta shortcut for tests and callers.
-pub fn no_meta() -> BTreeMap<String, String> {
-    BTreeMap::new()
 }

@@ -244,6 +244,28 @@ impl Backend {
     }
 }
 
+/// A GRIP backend that answers OPEN with the `grip` extension and a subscription to
+/// `channel`, and every later request with no events.
+pub async fn grip_subscriber_backend(channel: &'static str) -> Backend {
+    Backend::start(move |r| {
+        if r.events().contains(&Event::Open) {
+            Reply::events(&[
+                Event::Open,
+                Event::Text(wsgate::protocol::control::encode_control(
+                    &wsgate::protocol::control::ControlMessage::Subscribe {
+                        channel: channel.into(),
+                        filters: vec![],
+                    },
+                )),
+            ])
+            .header("sec-websocket-extensions", "grip")
+        } else {
+            Reply::events(&[])
+        }
+    })
+    .await
+}
+
 /// The echo backend's reply to one request.
 pub fn echo_reply(r: &Recorded) -> Reply {
     let mut out = Vec::new();
