@@ -123,9 +123,27 @@ struct GatewayArgs {
     /// Most request headers accepted from a client.
     #[arg(long, default_value_t = 100)]
     max_headers: usize,
+    /// Largest request head (request line and headers) accepted from a client, in bytes; a
+    /// larger one gets 431.
+    #[arg(
+        long,
+        default_value_t = server::DEFAULT_MAX_HEADER_BYTES,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1024..=1024 * 1024)
+    )]
+    max_header_bytes: usize,
     /// Accept queue of the client listener (connections the kernel holds before accept).
     #[arg(long, default_value_t = 4096)]
     listen_backlog: u32,
+    /// Serve TLS (wss:// and https) on the client listener with this certificate chain (PEM,
+    /// the server certificate first); needs --tls-key.
+    #[arg(long, env = "WSGATE_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "WSGATE_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// How often the TLS certificate and key files are checked for changes (0s: never).
+    #[arg(long, default_value = "10s")]
+    tls_reload_interval: DurationSpec,
     /// Require `Authorization: Bearer TOKEN` on the publish and connection APIs.
     #[arg(long, env = "WSGATE_ADMIN_TOKEN", conflicts_with = "publish_jwt_key")]
     admin_token: Option<String>,
@@ -208,6 +226,18 @@ fn load_table(args: &GatewayArgs) -> Result<RouteTable, String> {
     RouteTable::new(vec![route], 1).map_err(|e| e.to_string())
 }
 
+/// TLS for the client listener from `--tls-cert` and `--tls-key` (both or neither).
+fn load_tls(args: &GatewayArgs) -> Result<Option<server::tls::ServerTls>, String> {
+    match (&args.tls_cert, &args.tls_key) {
+        (None, None) => Ok(None),
+        (Some(cert), Some(key)) => server::tls::ServerTls::load(cert, key, args.tls_reload_interval.get())
+            .map(Some)
+            .map_err(|e| format!("--tls-cert/--tls-key: {e}")),
+        (Some(_), None) => Err("--tls-cert needs --tls-key (WSGATE_TLS_KEY)".into()),
+        (None, Some(_)) => Err("--tls-key needs --tls-cert (WSGATE_TLS_CERT)".into()),
+    }
+}
+
 async fn gateway(args: GatewayArgs) -> ExitCode {
     let auth = match admin::auth::Auth::from_flags(args.admin_token.clone(), args.publish_jwt_key.clone()) {
         Ok(a) => a,
@@ -247,6 +277,13 @@ async fn gateway(args: GatewayArgs) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    let tls = match load_tls(&args) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("wsgate: bad configuration: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     let settings = GatewaySettings {
         max_connections: args.max_connections,
         handshake_timeout: args.handshake_timeout.get(),
@@ -254,6 +291,8 @@ async fn gateway(args: GatewayArgs) -> ExitCode {
         close_pacing: args.close_pacing.get(),
         shutdown_timeout: args.shutdown_timeout.get(),
         max_headers: args.max_headers,
+        max_header_bytes: args.max_header_bytes,
+        tls,
         ..GatewaySettings::default()
     };
     let table = Arc::new(ArcSwap::from_pointee(table));
@@ -334,6 +373,7 @@ async fn gateway(args: GatewayArgs) -> ExitCode {
         listen = %listener.local_addr().map_or(args.listen, |a| a),
         admin = %args.admin_listen,
         routes = table.load().routes().len(),
+        tls = gw.settings.tls.is_some(),
         "wsgate gateway started"
     );
     admin_state.listening.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -390,7 +430,11 @@ async fn demo(args: DemoArgs) -> ExitCode {
         close_pacing: DurationSpec::from_millis(100),
         shutdown_timeout: DurationSpec::from_secs(5),
         max_headers: 100,
+        max_header_bytes: server::DEFAULT_MAX_HEADER_BYTES,
         listen_backlog: 4096,
+        tls_cert: None,
+        tls_key: None,
+        tls_reload_interval: DurationSpec::from_secs(10),
         admin_token: None,
         publish_jwt_key: None,
         admin_allow_unauthenticated: false,

@@ -935,6 +935,12 @@ impl RequestSpan {
         Self(Some(tracer.build_with_context(builder, cx)))
     }
 
+    /// True when the span exists (tracing is on and the request is traced).
+    #[inline]
+    pub fn is_recording(&self) -> bool {
+        self.0.is_some()
+    }
+
     /// Writes the span's `traceparent` into a backend request's headers.
     #[inline]
     pub fn inject(&self, headers: &mut HeaderMap) {

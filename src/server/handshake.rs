@@ -20,6 +20,7 @@ use crate::session::{Action, ClientInput, Session, SessionConfig};
 use crate::telemetry::{ConnectionSpans, HandshakeOutcome};
 use crate::transport::backend::{ClientInfo, RequestTemplate, full_body};
 use crate::transport::client::{self, BackendLimits, Connection};
+use crate::transport::io::ClientIo;
 
 fn header_has_token(req: &Request<Incoming>, name: header::HeaderName, token: &str) -> bool {
     req.headers()
@@ -76,6 +77,7 @@ pub(super) async fn handle(
     gw: Arc<Gateway>,
     mut req: Request<Incoming>,
     peer: SocketAddr,
+    tls: bool,
     route: Arc<Route>,
     prefix: String,
     table_version: u64,
@@ -125,7 +127,7 @@ pub(super) async fn handle(
         &prefix,
         &path_and_query,
         req.headers(),
-        &ClientInfo { peer, tls: false },
+        &ClientInfo { peer, tls },
         Some(&id),
         true,
     ) {
@@ -145,7 +147,7 @@ pub(super) async fn handle(
     let conn = Connection {
         session,
         template,
-        client: gw.pool.client_for(&route),
+        pool: gw.pool.clone(),
         limits: BackendLimits {
             timeout: route.timeouts.request,
             max_body: route.limits.max_response_bytes,
@@ -279,10 +281,7 @@ async fn connection_task(
     gw.stats.handshakes_accepted.fetch_add(1, Ordering::Relaxed);
     spans.finish_handshake(HandshakeOutcome::Accepted, StatusCode::SWITCHING_PROTOCOLS);
     let io = match on_upgrade.await {
-        Ok(upgraded) => match upgraded.downcast::<TokioIo<TcpStream>>() {
-            Ok(parts) => Some((parts.io.into_inner(), parts.read_buf)),
-            Err(_) => None,
-        },
+        Ok(upgraded) => client_io(upgraded, conn.template.route.timeouts.close),
         Err(_) => None,
     };
     let Some((stream, leftover)) = io else {
@@ -311,6 +310,23 @@ async fn connection_task(
         slow_consumer = summary.slow_consumer,
         "connection closed"
     );
+}
+
+/// The socket under an upgraded connection, and the bytes hyper read past the request. For
+/// TLS, rustls's session comes along with what it holds (decrypted plaintext not yet read,
+/// records not yet written); `close_timeout` bounds its final flush.
+fn client_io(upgraded: hyper::upgrade::Upgraded, close_timeout: std::time::Duration) -> Option<(ClientIo, Bytes)> {
+    let upgraded = match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => return Some((ClientIo::plain(parts.io.into_inner()), parts.read_buf)),
+        Err(u) => u,
+    };
+    match upgraded.downcast::<TokioIo<tokio_rustls::server::TlsStream<TcpStream>>>() {
+        Ok(parts) => {
+            let (tcp, session) = parts.io.into_inner().into_inner();
+            Some((ClientIo::tls(tcp, session, close_timeout), parts.read_buf))
+        }
+        Err(_) => None,
+    }
 }
 
 /// Runs the session's remaining backend exchange (DISCONNECT) when there is no client socket.

@@ -3,6 +3,7 @@
 
 mod handshake;
 mod proxy;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -27,6 +28,9 @@ use crate::config::RouteTable;
 use crate::grip::Registry;
 use crate::transport::backend::{BackendPool, ProxyBody, full_body};
 
+/// Default of [`GatewaySettings::max_header_bytes`] (`--max-header-bytes`): 16 KiB, as Node.js.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 16 * 1024;
+
 /// Settings of the gateway process (flags), as opposed to per-route settings.
 #[derive(Debug, Clone)]
 pub struct GatewaySettings {
@@ -46,6 +50,12 @@ pub struct GatewaySettings {
     pub backend_max_idle_per_host: usize,
     /// Most request headers accepted from a client.
     pub max_headers: usize,
+    /// Largest request head accepted from a client, in bytes (request line and headers); a
+    /// larger one gets `431` before any backend request.
+    pub max_header_bytes: usize,
+    /// TLS on the client listener (`--tls-cert`/`--tls-key`): every connection starts with a
+    /// TLS handshake, bounded by `handshake_timeout`. `None`: plain TCP.
+    pub tls: Option<tls::ServerTls>,
 }
 
 impl Default for GatewaySettings {
@@ -59,6 +69,8 @@ impl Default for GatewaySettings {
             backend_idle_timeout: Duration::from_secs(90),
             backend_max_idle_per_host: 1024,
             max_headers: 100,
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            tls: None,
         }
     }
 }
@@ -224,8 +236,12 @@ pub fn text_response(status: StatusCode, body: impl Into<Bytes>) -> Response<Res
 }
 
 /// Accepts clients until `stop` fires. Each TCP connection is served by hyper (HTTP/1.1 with
-/// upgrades); WebSocket connections then run in their own tracked task.
+/// upgrades), after a TLS handshake when `settings.tls` is set (whose certificate files are
+/// then watched for changes until `stop`); WebSocket connections then run in their own
+/// tracked task.
 pub async fn run(listener: TcpListener, gw: Arc<Gateway>, stop: CancellationToken) {
+    let acceptor = gw.settings.tls.as_ref().map(tls::ServerTls::acceptor);
+    let watcher = gw.settings.tls.clone().map(|t| tokio::spawn(t.watch(stop.clone())));
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -240,33 +256,69 @@ pub async fn run(listener: TcpListener, gw: Arc<Gateway>, stop: CancellationToke
             () = stop.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
-        let gw2 = gw.clone();
-        let svc = service_fn(move |req: Request<Incoming>| {
-            let gw = gw2.clone();
-            async move { Ok::<_, Infallible>(handle(gw, req, peer).await) }
-        });
-        let mut builder = hyper::server::conn::http1::Builder::new();
-        builder
-            .timer(TokioTimer::new())
-            .header_read_timeout(gw.settings.handshake_timeout)
-            .max_headers(gw.settings.max_headers);
-        let conn = builder.serve_connection(TokioIo::new(stream), svc).with_upgrades();
         let stop = stop.clone();
+        let Some(acceptor) = &acceptor else {
+            gw.tracker
+                .spawn(serve_connection(gw.clone(), TokioIo::new(stream), peer, false, stop));
+            continue;
+        };
+        let acceptor = acceptor.clone();
+        let gw2 = gw.clone();
         gw.tracker.spawn(async move {
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => return,
-                () = stop.cancelled() => {}
-            }
-            // Plain HTTP keep-alive connections finish their current request and close;
-            // upgraded connections have left hyper already.
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
+            // The TLS handshake has the handshake timeout to itself; hyper's header timer
+            // starts after it.
+            let stream = tokio::select! {
+                r = tokio::time::timeout(gw2.settings.handshake_timeout, acceptor.accept(stream)) => match r {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, cause = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                        return;
+                    }
+                },
+                () = stop.cancelled() => return,
+            };
+            serve_connection(gw2, TokioIo::new(stream), peer, true, stop).await;
         });
+    }
+    if let Some(w) = watcher {
+        // Ends with `stop`.
+        let _ = w.await;
     }
 }
 
-async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, peer: SocketAddr) -> Response<ResponseBody> {
+/// Serves one client connection with hyper until it ends, is upgraded, or `stop` fires.
+async fn serve_connection<I>(gw: Arc<Gateway>, io: I, peer: SocketAddr, tls: bool, stop: CancellationToken)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let gw2 = gw.clone();
+    let svc = service_fn(move |req: Request<Incoming>| {
+        let gw = gw2.clone();
+        async move { Ok::<_, Infallible>(handle(gw, req, peer, tls).await) }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(gw.settings.handshake_timeout)
+        .max_headers(gw.settings.max_headers)
+        .max_header_size(gw.settings.max_header_bytes);
+    let conn = builder.serve_connection(io, svc).with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        () = stop.cancelled() => {}
+    }
+    // Plain HTTP keep-alive connections finish their current request and close;
+    // upgraded connections have left hyper already.
+    conn.as_mut().graceful_shutdown();
+    let _ = conn.await;
+}
+
+async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, peer: SocketAddr, tls: bool) -> Response<ResponseBody> {
     let table = gw.table.load_full();
     let host = req
         .headers()
@@ -280,10 +332,10 @@ async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, peer: SocketAddr) -> R
     };
     let prefix = prefix.to_owned();
     if handshake::is_websocket_upgrade(&req) {
-        handshake::handle(gw.clone(), req, peer, route, prefix, table.version()).await
+        handshake::handle(gw.clone(), req, peer, tls, route, prefix, table.version()).await
     } else {
         gw.stats.http_requests.fetch_add(1, Ordering::Relaxed);
-        proxy::handle(&gw, req, peer, &route, &prefix).await
+        proxy::handle(&gw, req, peer, &route, &prefix, tls).await
     }
 }
 

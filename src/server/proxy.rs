@@ -17,6 +17,7 @@ pub(super) async fn handle(
     peer: SocketAddr,
     route: &std::sync::Arc<Route>,
     prefix: &str,
+    tls: bool,
 ) -> Response<ResponseBody> {
     let path_and_query = req.uri().path_and_query().map_or("/", |p| p.as_str());
     let template = match RequestTemplate::new(
@@ -24,7 +25,7 @@ pub(super) async fn handle(
         prefix,
         path_and_query,
         req.headers(),
-        &ClientInfo { peer, tls: false },
+        &ClientInfo { peer, tls },
         None,
         false,
     ) {

@@ -211,6 +211,8 @@ pub struct Stats {
     pub unprefixed_dropped: u64,
     /// Control messages that failed to parse or were refused.
     pub control_errors: u64,
+    /// Messages not sent because a close frame had already gone to the client.
+    pub dropped_after_close: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -267,6 +269,11 @@ pub struct Session {
     client_writable: bool,
     client_gone: bool,
     close_deadline: Option<Instant>,
+    /// Shutdown was asked while a backend exchange was under way: the 1001 waits until the
+    /// answer is delivered, at most until this instant.
+    shutdown_at: Option<Instant>,
+    /// A close frame went to the client: nothing may follow it (RFC 6455 section 5.5.1).
+    close_sent: bool,
     /// The client's close (code, reason), kept to echo it when the backend does not answer.
     client_close: Option<Option<CloseFrame>>,
     last_client_activity: Instant,
@@ -303,6 +310,8 @@ impl Session {
             client_writable: true,
             client_gone: false,
             close_deadline: None,
+            shutdown_at: None,
+            close_sent: false,
             client_close: None,
             last_client_activity: now,
             ping_sent: false,
@@ -380,6 +389,7 @@ impl Session {
         consider(self.open_retry_at);
         consider(self.keep_alive_at);
         consider(self.close_deadline);
+        consider(self.shutdown_at);
         if self.is_open() && !self.client_gone {
             if let Some(i) = self.cfg.client_ping_interval
                 && !self.ping_sent
@@ -529,6 +539,27 @@ impl Session {
     pub fn handle_shutdown(&mut self, now: Instant) {
         self.now = now;
         match self.state {
+            State::Open if self.inflight.is_some() || !self.queue.is_empty() => {
+                // Messages the backend is answering now are delivered before the 1001: stop
+                // taking client input and close once the exchange is over (bounded).
+                if self.shutdown_at.is_none() {
+                    self.shutdown_at = Some(now + self.cfg.close_timeout);
+                    self.actions.push_back(Action::StopReading);
+                }
+            }
+            State::Open => self.shut_down(now),
+            State::BackendClosing => {
+                self.actions.push_back(Action::CloseClient);
+                self.finish();
+            }
+            _ => {}
+        }
+    }
+
+    /// Closes an open connection for shutdown: 1001 to the client, `CLOSE` to the backend.
+    fn shut_down(&mut self, now: Instant) {
+        self.shutdown_at = None;
+        match self.state {
             State::Open => {
                 self.close_client_with(CLOSE_GOING_AWAY, "server shutting down");
                 self.push_event(Event::Close(Some(CloseFrame {
@@ -561,6 +592,9 @@ impl Session {
             Err(err) => self.recv_failure(inflight, err, now),
         }
         self.maybe_send(now);
+        if self.shutdown_at.is_some() && self.inflight.is_none() && self.queue.is_empty() {
+            self.shut_down(now);
+        }
         self.finish_if_idle();
     }
 
@@ -839,6 +873,10 @@ impl Session {
             self.open_retry_at = None;
             self.send_request(RequestKind::Open, Vec::new());
         }
+        if self.shutdown_at.is_some_and(|t| t <= now) {
+            // The backend did not finish in time: close anyway.
+            self.shut_down(now);
+        }
         if self.close_deadline.is_some_and(|t| t <= now) {
             self.close_deadline = None;
             match self.state {
@@ -897,6 +935,14 @@ impl Session {
     // ---- helpers -------------------------------------------------------------------------
 
     fn send_client(&mut self, msg: Message) {
+        if self.close_sent {
+            // After a close frame nothing more may reach the client.
+            self.stats.dropped_after_close += 1;
+            return;
+        }
+        if matches!(msg, Message::Close(_)) {
+            self.close_sent = true;
+        }
         if matches!(msg, Message::Text(_) | Message::Binary(_)) {
             self.stats.backend_messages += 1;
         }

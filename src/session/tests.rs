@@ -601,6 +601,46 @@ fn shutdown_sends_1001_to_client_and_close_to_backend() {
 }
 
 #[test]
+fn shutdown_waits_for_the_answer_in_flight_and_sends_nothing_after_the_close() {
+    let now = t0();
+    let mut s = open(cfg(), now);
+    s.handle_client(ClientInput::Message(text("hi")), now);
+    assert!(request(&actions(&mut s)).is_some(), "TEXT goes to the backend");
+    s.handle_shutdown(now);
+    let a = actions(&mut s);
+    assert!(sent(&a).is_empty(), "no 1001 while the backend answers: {a:?}");
+    assert!(a.contains(&Action::StopReading));
+    // The answer arrives: its message reaches the client first, then the 1001.
+    s.handle_backend(ok(b"TEXT 5\r\nreply\r\n", &[]), now);
+    let a = actions(&mut s);
+    assert!(
+        matches!(&sent(&a)[..], [Message::Text(t), Message::Close(Some(f))] if &t[..] == b"reply" && f.code == 1001),
+        "{a:?}"
+    );
+    assert!(request(&a).expect("close to backend").body.starts_with(b"CLOSE "));
+    // The backend's answer to CLOSE (data and its own close) may not follow the 1001.
+    s.handle_backend(ok(b"TEXT 4\r\nlate\r\nCLOSE 2\r\n\x03\xe9\r\n", &[]), now);
+    let a = actions(&mut s);
+    assert!(sent(&a).is_empty(), "nothing after a close frame: {a:?}");
+    assert_eq!(s.stats().dropped_after_close, 2);
+}
+
+#[test]
+fn shutdown_does_not_wait_longer_than_the_close_timeout() {
+    let now = t0();
+    let mut s = open(cfg(), now);
+    s.handle_client(ClientInput::Message(text("hi")), now);
+    actions(&mut s);
+    s.handle_shutdown(now);
+    actions(&mut s);
+    let deadline = s.poll_timeout().expect("a deadline for the pending shutdown");
+    assert_eq!(deadline, now + cfg().close_timeout);
+    s.handle_timeout(deadline);
+    let a = actions(&mut s);
+    assert!(matches!(&sent(&a)[..], [Message::Close(Some(f))] if f.code == 1001), "{a:?}");
+}
+
+#[test]
 fn rate_limit_closes_with_1008() {
     let now = t0();
     let mut s = open(

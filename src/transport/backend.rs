@@ -34,6 +34,8 @@ type ClientKey = (Duration, Option<Arc<[u8]>>);
 #[derive(Clone)]
 pub struct BackendPool {
     clients: Arc<Mutex<HashMap<ClientKey, Client<Connector, ProxyBody>>>>,
+    /// Idle connections of the in-task HTTP/1.1 client (`http://` backends).
+    pub h1: Arc<super::h1::H1Pool>,
     idle_timeout: Duration,
     max_idle_per_host: usize,
 }
@@ -50,6 +52,7 @@ impl BackendPool {
     pub fn new(idle_timeout: Duration, max_idle_per_host: usize) -> Self {
         Self {
             clients: Arc::new(Mutex::new(HashMap::new())),
+            h1: super::h1::H1Pool::new(idle_timeout, max_idle_per_host),
             idle_timeout,
             max_idle_per_host,
         }
@@ -177,6 +180,8 @@ pub struct RequestTemplate {
     /// Matched route prefix and the client's path and query, to rebuild the URI on rebind.
     prefix: String,
     path_and_query: String,
+    /// [`Self::headers`] serialized for HTTP/1.1, made on first use after each (re)bind.
+    head_block: std::sync::OnceLock<Bytes>,
 }
 
 impl RequestTemplate {
@@ -239,6 +244,7 @@ impl RequestTemplate {
             websocket,
             prefix: prefix.to_owned(),
             path_and_query: path_and_query.to_owned(),
+            head_block: std::sync::OnceLock::new(),
         })
     }
 
@@ -249,6 +255,7 @@ impl RequestTemplate {
             Ok(uri) => {
                 self.uri = uri;
                 self.route = route;
+                self.head_block = std::sync::OnceLock::new();
                 true
             }
             Err(_) => false,
@@ -302,6 +309,49 @@ impl RequestTemplate {
         headers
     }
 
+    /// The complete HTTP/1.1 head of the `POST` for one session request (for the in-task
+    /// client): the cached header block of [`Self::headers`] plus the request's own headers.
+    /// With a recording span the block is rebuilt to carry its `traceparent`.
+    pub fn http1_head(
+        &self,
+        req: &BackendRequest,
+        now_unix: u64,
+        span: &crate::telemetry::RequestSpan,
+    ) -> bytes::BytesMut {
+        let rebuilt;
+        let block = if span.is_recording() {
+            let mut h = self.headers();
+            span.inject(&mut h);
+            rebuilt = serialize_headers(&h, &self.uri);
+            &rebuilt
+        } else {
+            self.head_block.get_or_init(|| serialize_headers(&self.headers(), &self.uri))
+        };
+        let path = self.uri.path_and_query().map_or("/", |p| p.as_str());
+        let mut out = bytes::BytesMut::with_capacity(block.len() + path.len() + 160 + req.body.len().min(16 * 1024));
+        out.extend_from_slice(b"POST ");
+        out.extend_from_slice(path.as_bytes());
+        out.extend_from_slice(b" HTTP/1.1\r\n");
+        out.extend_from_slice(block);
+        for (name, value) in req.meta.iter() {
+            put_header(&mut out, name.as_str(), value.as_bytes());
+        }
+        let mut num = itoa_buf();
+        if req.replayed > 0 {
+            put_header(&mut out, "content-bytes-replayed", fmt_usize(&mut num, req.replayed));
+        }
+        if req.grip {
+            put_header(&mut out, "sec-websocket-extensions", b"grip");
+        }
+        if let Some(key) = &self.route.grip.signing_key {
+            let sig = sig::sign(key, &self.route.grip.issuer, now_unix);
+            put_header(&mut out, "grip-sig", sig.as_bytes());
+        }
+        put_header(&mut out, "content-length", fmt_usize(&mut num, req.body.len()));
+        out.extend_from_slice(b"\r\n");
+        out
+    }
+
     /// The HTTP request for one session request.
     pub fn build(&self, req: &BackendRequest, now_unix: u64) -> Request<ProxyBody> {
         let mut headers = self.headers();
@@ -324,6 +374,48 @@ impl RequestTemplate {
         *request.uri_mut() = self.uri.clone();
         *request.headers_mut() = headers;
         request
+    }
+}
+
+/// `headers` as HTTP/1.1 header lines, with a `host` from `uri` when there is none, and
+/// without the headers the in-task client writes per request.
+fn serialize_headers(headers: &HeaderMap, uri: &Uri) -> Bytes {
+    let mut out = bytes::BytesMut::with_capacity(512);
+    if !headers.contains_key(header::HOST)
+        && let Some(a) = uri.authority()
+    {
+        put_header(&mut out, "host", a.as_str().as_bytes());
+    }
+    for (name, value) in headers {
+        if *name == header::CONTENT_LENGTH || *name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        put_header(&mut out, name.as_str(), value.as_bytes());
+    }
+    out.freeze()
+}
+
+fn put_header(out: &mut bytes::BytesMut, name: &str, value: &[u8]) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+fn itoa_buf() -> [u8; 20] {
+    [0; 20]
+}
+
+/// Decimal digits of `n`, written at the end of `buf`.
+fn fmt_usize(buf: &mut [u8; 20], mut n: usize) -> &[u8] {
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[at..];
+        }
     }
 }
 

@@ -12,19 +12,15 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::future::BoxFuture;
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio::time::{Instant as TokioInstant, Sleep};
 use tokio_util::sync::CancellationToken;
 
-use super::backend::{self, ProxyBody, RequestTemplate};
+use super::backend::{self, RequestTemplate};
+use super::io::ClientIo;
 use crate::grip::{ConnHandle, ConnInfo, Delivery, Registry};
 use crate::metrics::Direction;
 use crate::protocol::frame::{self, CloseFrame, FrameDecoder, Message};
 use crate::session::{Action, BackendError, BackendResponse, ClientInput, Session};
-use hyper_util::client::legacy::Client;
-
-type Connector = hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
 
 /// Close code for a client that does not keep up with deliveries ("try again later").
 pub const CLOSE_SLOW_CONSUMER: u16 = 1013;
@@ -46,8 +42,8 @@ pub struct Connection {
     pub session: Session,
     /// Request template for the backend.
     pub template: RequestTemplate,
-    /// Pooled backend client.
-    pub client: Client<Connector, ProxyBody>,
+    /// Backend clients (in-task HTTP/1.1 for `http://`, pooled hyper for `https://`).
+    pub pool: backend::BackendPool,
     /// Backend limits.
     pub limits: BackendLimits,
     /// Registry entry (mailbox, connection API).
@@ -123,11 +119,35 @@ pub fn start_request(
         .unwrap_or(0);
     conn.metrics.record_request_sent(req);
     let span = crate::telemetry::RequestSpan::start(&conn.span, req);
-    let mut request = conn.template.build(req, now_unix);
-    span.inject(request.headers_mut());
-    let client = conn.client.clone();
     let limits = conn.limits.clone();
     let metrics = conn.metrics.clone();
+    let route = &conn.template.route;
+    if conn.template.uri.scheme() == Some(&http::uri::Scheme::HTTP) {
+        // The in-task client: the exchange is polled by this connection's task, no hop.
+        let head = conn.template.http1_head(req, now_unix, &span);
+        let body = req.body.clone();
+        let pool = conn.pool.h1.clone();
+        let uri = conn.template.uri.clone();
+        let ex = super::h1::ExchangeLimits {
+            connect: route.timeouts.connect,
+            max_body: limits.max_body,
+            max_reject_body: limits.max_reject_body,
+        };
+        return Box::pin(async move {
+            let started = TokioInstant::now();
+            let authority = uri.authority().map_or("", |a| a.as_str());
+            let res = match tokio::time::timeout(limits.timeout, pool.exchange(authority, head, body, ex)).await {
+                Ok(r) => r,
+                Err(_) => Err(BackendError::Timeout),
+            };
+            let trace_id = span.finish(&res);
+            metrics.record_backend(started.elapsed(), &res, trace_id);
+            res
+        });
+    }
+    let mut request = conn.template.build(req, now_unix);
+    span.inject(request.headers_mut());
+    let client = conn.pool.client_for(route);
     Box::pin(async move {
         let started = TokioInstant::now();
         let res = backend::send_events(
@@ -152,7 +172,7 @@ fn pacing_hash(id: &str) -> u64 {
 
 struct Driver {
     conn: Connection,
-    io: TcpStream,
+    io: ClientIo,
     rbuf: BytesMut,
     wbuf: BytesMut,
     decoder: FrameDecoder,
@@ -169,7 +189,7 @@ struct Driver {
 
 /// Runs an upgraded connection to its end. `leftover` holds bytes the HTTP layer read past
 /// the handshake.
-pub async fn run(io: TcpStream, leftover: Bytes, conn: Connection) -> Summary {
+pub async fn run(io: ClientIo, leftover: Bytes, conn: Connection) -> Summary {
     let decoder = FrameDecoder::new(conn.max_message_bytes);
     // `leftover` is a slice of hyper's read buffer: copy what it holds and release it now, or
     // the whole buffer would stay alive as long as the connection (a parameter of an async fn
@@ -215,7 +235,7 @@ impl Driver {
             }
             self.update_sleep();
             let want_read = self.reading && !self.close_after_flush && self.conn.session.wants_client_input();
-            let want_write = !self.wbuf.is_empty();
+            let want_write = !self.wbuf.is_empty() || self.io.wants_write();
             let open = self.conn.session.is_open();
             tokio::select! {
                 r = self.io.readable(), if want_read => {

@@ -4,3 +4,5 @@
 
 pub mod backend;
 pub mod client;
+pub mod h1;
+pub mod io;

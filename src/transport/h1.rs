@@ -1,0 +1,643 @@
+//! A minimal HTTP/1.1 client for `http://` backends, run inside the connection's own task.
+//!
+//! Every events request is a `POST` with a known body and every response is read whole, so
+//! the exchange needs no dispatcher task, no channel and no per-request header map: the
+//! request head is written from a pre-serialized header block, the response is parsed with
+//! `httparse`, and the socket's readiness wakes the WebSocket connection's task directly.
+//! Idle sockets wait in a process-wide LIFO pool, so a few hundred backend connections serve
+//! any number of WebSocket connections (an idle WebSocket connection holds none).
+//!
+//! `https://` backends go through the pooled hyper client in [`super::backend`].
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::StatusCode;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::session::{BackendError, BackendResponse};
+
+/// Largest response head (status line and headers) accepted from a backend.
+pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// Most response headers accepted from a backend.
+const MAX_RESPONSE_HEADERS: usize = 100;
+/// Bodies up to this size are copied behind the head so the request is one `write`.
+const COALESCE_BODY: usize = 16 * 1024;
+
+struct Idle {
+    stream: TcpStream,
+    since: Instant,
+}
+
+/// Idle keep-alive connections to `http://` backends, by `host:port`.
+pub struct H1Pool {
+    idle: Mutex<HashMap<Box<str>, Vec<Idle>>>,
+    idle_timeout: Duration,
+    max_idle_per_host: usize,
+    reaper: std::sync::Once,
+}
+
+impl std::fmt::Debug for H1Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("H1Pool")
+            .field("idle_timeout", &self.idle_timeout)
+            .field("max_idle_per_host", &self.max_idle_per_host)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Limits of one exchange.
+#[derive(Debug, Clone, Copy)]
+pub struct ExchangeLimits {
+    /// Connect timeout for a new backend connection.
+    pub connect: Duration,
+    /// Largest body of an accepted response (`200` with the events media type).
+    pub max_body: usize,
+    /// Largest body kept from any other response (the rest is discarded with the connection).
+    pub max_reject_body: usize,
+}
+
+impl H1Pool {
+    /// A pool keeping idle connections for `idle_timeout`, at most `max_idle_per_host` per
+    /// backend address.
+    pub fn new(idle_timeout: Duration, max_idle_per_host: usize) -> Arc<Self> {
+        Arc::new(Self {
+            idle: Mutex::new(HashMap::new()),
+            idle_timeout,
+            max_idle_per_host,
+            reaper: std::sync::Once::new(),
+        })
+    }
+
+    /// Idle connections currently held (all backends).
+    pub fn idle_count(&self) -> usize {
+        self.lock().values().map(Vec::len).sum()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Vec<Idle>>> {
+        // A poisoned lock only means a thread panicked while holding it; the map stays valid.
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The most recently used idle connection to `authority` that still looks open.
+    fn checkout(&self, authority: &str) -> Option<TcpStream> {
+        let now = Instant::now();
+        loop {
+            let idle = {
+                let mut map = self.lock();
+                let list = map.get_mut(authority)?;
+                let idle = list.pop()?;
+                if list.is_empty() {
+                    map.remove(authority);
+                }
+                idle
+            };
+            if now.duration_since(idle.since) >= self.idle_timeout {
+                continue;
+            }
+            if looks_open(&idle.stream) {
+                return Some(idle.stream);
+            }
+        }
+    }
+
+    fn checkin(self: &Arc<Self>, authority: &str, stream: TcpStream) {
+        if self.max_idle_per_host == 0 || self.idle_timeout.is_zero() {
+            return;
+        }
+        self.reaper.call_once(|| spawn_reaper(Arc::downgrade(self)));
+        let mut map = self.lock();
+        let list = match map.get_mut(authority) {
+            Some(l) => l,
+            None => map.entry(authority.into()).or_default(),
+        };
+        if list.len() < self.max_idle_per_host {
+            list.push(Idle {
+                stream,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    /// Drops connections idle for longer than the idle timeout.
+    fn reap(&self) {
+        let now = Instant::now();
+        let mut map = self.lock();
+        map.retain(|_, list| {
+            list.retain(|i| now.duration_since(i.since) < self.idle_timeout);
+            !list.is_empty()
+        });
+    }
+
+    /// Sends `head` (the complete request head) and `body` to `authority` and reads the whole
+    /// response within `limits`. A reused connection that turns out closed before any response
+    /// byte arrived is replaced by a new one once (the request never reached a backend that
+    /// answered it).
+    pub async fn exchange(
+        self: Arc<Self>,
+        authority: &str,
+        head: BytesMut,
+        body: Bytes,
+        limits: ExchangeLimits,
+    ) -> Result<BackendResponse, BackendError> {
+        let request = Request::new(head, body);
+        if let Some(stream) = self.checkout(authority) {
+            match roundtrip(stream, &request, &limits).await {
+                Ok((resp, keep)) => {
+                    if let Some(s) = keep {
+                        self.checkin(authority, s);
+                    }
+                    return Ok(resp);
+                }
+                Err(Failure::Stale) => {}
+                Err(Failure::Error(e)) => return Err(e),
+            }
+        }
+        let stream = connect(authority, limits.connect).await?;
+        match roundtrip(stream, &request, &limits).await {
+            Ok((resp, keep)) => {
+                if let Some(s) = keep {
+                    self.checkin(authority, s);
+                }
+                Ok(resp)
+            }
+            Err(Failure::Stale) => Err(BackendError::Failed(
+                "backend closed the connection before responding".into(),
+            )),
+            Err(Failure::Error(e)) => Err(e),
+        }
+    }
+}
+
+fn spawn_reaper(pool: Weak<H1Pool>) {
+    let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+    rt.spawn(async move {
+        let every = match pool.upgrade() {
+            Some(p) => (p.idle_timeout / 2).max(Duration::from_millis(100)),
+            None => return,
+        };
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            match pool.upgrade() {
+                Some(p) => p.reap(),
+                None => return,
+            }
+        }
+    });
+}
+
+/// False when an idle socket is known to be closed (or has unexpected bytes waiting). Costs
+/// no system call unless the socket was reported readable since its last use.
+fn looks_open(stream: &TcpStream) -> bool {
+    use std::task::{Context, Poll};
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    match stream.poll_read_ready(&mut cx) {
+        Poll::Pending => true,
+        Poll::Ready(Err(_)) => false,
+        Poll::Ready(Ok(())) => {
+            let mut probe = [0u8; 1];
+            matches!(stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+        }
+    }
+}
+
+async fn connect(authority: &str, timeout: Duration) -> Result<TcpStream, BackendError> {
+    let target = if authority.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) && !authority.ends_with(']') {
+        authority.to_owned()
+    } else {
+        format!("{authority}:80")
+    };
+    let stream = match tokio::time::timeout(timeout, TcpStream::connect(target.as_str())).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(BackendError::Connect(format!("tcp connect error: {e}"))),
+        Err(_) => return Err(BackendError::Connect(format!("tcp connect to {target} timed out"))),
+    };
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+/// A request ready to write: the head, with the body copied behind it when small.
+struct Request {
+    first: Bytes,
+    second: Bytes,
+}
+
+impl Request {
+    fn new(mut head: BytesMut, body: Bytes) -> Self {
+        if body.len() <= COALESCE_BODY {
+            head.extend_from_slice(&body);
+            Self {
+                first: head.freeze(),
+                second: Bytes::new(),
+            }
+        } else {
+            Self {
+                first: head.freeze(),
+                second: body,
+            }
+        }
+    }
+}
+
+enum Failure {
+    /// The connection was closed before any response byte: the request can go again.
+    Stale,
+    Error(BackendError),
+}
+
+impl From<BackendError> for Failure {
+    fn from(e: BackendError) -> Self {
+        Self::Error(e)
+    }
+}
+
+fn failed(what: &str, e: impl std::fmt::Display) -> Failure {
+    Failure::Error(BackendError::Failed(format!("{what}: {e}")))
+}
+
+/// One request and its response on `stream`; returns the stream when it can be reused.
+async fn roundtrip(
+    mut stream: TcpStream,
+    req: &Request,
+    limits: &ExchangeLimits,
+) -> Result<(BackendResponse, Option<TcpStream>), Failure> {
+    let written = async {
+        stream.write_all(&req.first).await?;
+        if !req.second.is_empty() {
+            stream.write_all(&req.second).await?;
+        }
+        Ok::<(), io::Error>(())
+    }
+    .await;
+    if let Err(e) = written {
+        return Err(if is_closed(&e) {
+            Failure::Stale
+        } else {
+            failed("writing the request", e)
+        });
+    }
+    let mut buf = BytesMut::with_capacity(4096);
+    // Status line and headers, skipping interim (1xx) responses.
+    let (status, headers, framing, keep_alive) = loop {
+        if buf.len() >= MAX_RESPONSE_HEAD {
+            return Err(failed("reading the response", "response head too large"));
+        }
+        let parsed = parse_head(&buf)?;
+        match parsed {
+            Some(head) if head.status.is_informational() => {
+                buf.advance(head.len);
+                continue;
+            }
+            Some(head) => {
+                buf.advance(head.len);
+                break (head.status, head.headers, head.framing, head.keep_alive);
+            }
+            None => {}
+        }
+        let seen = !buf.is_empty();
+        match read_more(&mut stream, &mut buf).await {
+            Ok(0) if !seen => return Err(Failure::Stale),
+            Ok(0) => return Err(failed("reading the response", "connection closed mid-response")),
+            Ok(_) => {}
+            Err(e) if !seen && is_closed(&e) => return Err(Failure::Stale),
+            Err(e) => return Err(failed("reading the response", e)),
+        }
+    };
+    let accepted = crate::session::is_accepted(status, &headers);
+    let (cap, over_is_error) = if accepted {
+        (limits.max_body, true)
+    } else {
+        (limits.max_reject_body, false)
+    };
+    let (body, complete) = read_body(&mut stream, &mut buf, framing, cap, over_is_error).await?;
+    let reusable = complete && keep_alive && buf.is_empty() && !matches!(framing, Framing::UntilClose);
+    Ok((
+        BackendResponse { status, headers, body },
+        reusable.then_some(stream),
+    ))
+}
+
+fn is_closed(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::UnexpectedEof
+    )
+}
+
+async fn read_more(stream: &mut TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+    if buf.capacity() - buf.len() < 1024 {
+        buf.reserve(buf.capacity().clamp(4096, 64 * 1024));
+    }
+    stream.read_buf(buf).await
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Length(u64),
+    Chunked,
+    UntilClose,
+}
+
+struct Head {
+    len: usize,
+    status: StatusCode,
+    headers: HeaderMap,
+    framing: Framing,
+    keep_alive: bool,
+}
+
+/// Parses a complete response head at the front of `buf` (`None`: need more bytes).
+fn parse_head(buf: &[u8]) -> Result<Option<Head>, Failure> {
+    let mut raw = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+    let mut resp = httparse::Response::new(&mut raw);
+    let len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(failed("invalid response from the backend", e)),
+    };
+    let code = resp.code.unwrap_or(0);
+    let status = StatusCode::from_u16(code).map_err(|e| failed("invalid response status", e))?;
+    let http11 = resp.version == Some(1);
+    let mut headers = HeaderMap::with_capacity(resp.headers.len());
+    let mut length: Option<u64> = None;
+    let mut chunked = false;
+    let mut keep_alive = http11;
+    for h in resp.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|e| failed("invalid response header", e))?;
+        let value = HeaderValue::from_bytes(h.value).map_err(|e| failed("invalid response header value", e))?;
+        if name == http::header::CONTENT_LENGTH {
+            let n = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .ok_or_else(|| failed("invalid response", "bad content-length"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(failed("invalid response", "conflicting content-length headers"));
+            }
+            length = Some(n);
+        } else if name == http::header::TRANSFER_ENCODING {
+            chunked = h
+                .value
+                .split(|b| *b == b',')
+                .next_back()
+                .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            if !chunked {
+                // A non-chunked transfer coding: the body runs to the end of the connection.
+                keep_alive = false;
+            }
+        } else if name == http::header::CONNECTION {
+            for token in h.value.split(|b| *b == b',') {
+                let t = token.trim_ascii();
+                if t.eq_ignore_ascii_case(b"close") {
+                    keep_alive = false;
+                } else if t.eq_ignore_ascii_case(b"keep-alive") && !http11 {
+                    keep_alive = true;
+                }
+            }
+        }
+        headers.append(name, value);
+    }
+    let framing = if status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED || status.is_informational() {
+        Framing::Length(0)
+    } else if chunked {
+        // Transfer-Encoding wins over Content-Length (RFC 9112 6.3); such a message must not
+        // be reused.
+        if length.is_some() {
+            keep_alive = false;
+        }
+        Framing::Chunked
+    } else if let Some(n) = length {
+        Framing::Length(n)
+    } else {
+        Framing::UntilClose
+    };
+    Ok(Some(Head {
+        len,
+        status,
+        headers,
+        framing,
+        keep_alive,
+    }))
+}
+
+/// Reads the body. Past `cap` bytes: an error when `over_is_error`, else the body is cut
+/// there and reported incomplete (the connection is then not reused).
+async fn read_body(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    framing: Framing,
+    cap: usize,
+    over_is_error: bool,
+) -> Result<(Bytes, bool), Failure> {
+    let too_large = || Failure::Error(BackendError::TooLarge { limit: cap });
+    match framing {
+        Framing::Length(n) => {
+            let want = usize::try_from(n).unwrap_or(usize::MAX);
+            if want > cap && over_is_error {
+                return Err(too_large());
+            }
+            let take = want.min(cap);
+            if buf.capacity() < take {
+                buf.reserve(take - buf.len());
+            }
+            while buf.len() < take {
+                match stream.read_buf(buf).await {
+                    Ok(0) => return Err(failed("reading the response body", "connection closed mid-body")),
+                    Ok(_) => {}
+                    Err(e) => return Err(failed("reading the response body", e)),
+                }
+            }
+            let body = buf.split_to(take).freeze();
+            Ok((body, take == want))
+        }
+        Framing::UntilClose => {
+            loop {
+                if buf.len() > cap {
+                    if over_is_error {
+                        return Err(too_large());
+                    }
+                    buf.truncate(cap);
+                    return Ok((buf.split().freeze(), false));
+                }
+                match read_more(stream, buf).await {
+                    Ok(0) => return Ok((buf.split().freeze(), true)),
+                    Ok(_) => {}
+                    Err(e) => return Err(failed("reading the response body", e)),
+                }
+            }
+        }
+        Framing::Chunked => {
+            let mut body = BytesMut::new();
+            let mut decoder = ChunkDecoder::default();
+            loop {
+                match decoder.decode(buf, &mut body) {
+                    Ok(true) => return Ok((body.freeze(), true)),
+                    Ok(false) => {}
+                    Err(e) => return Err(failed("invalid chunked response body", e)),
+                }
+                if body.len() > cap {
+                    if over_is_error {
+                        return Err(too_large());
+                    }
+                    body.truncate(cap);
+                    return Ok((body.freeze(), false));
+                }
+                match read_more(stream, buf).await {
+                    Ok(0) => return Err(failed("reading the response body", "connection closed mid-body")),
+                    Ok(_) => {}
+                    Err(e) => return Err(failed("reading the response body", e)),
+                }
+            }
+        }
+    }
+}
+
+/// Incremental `Transfer-Encoding: chunked` decoder.
+#[derive(Debug, Default)]
+struct ChunkDecoder {
+    state: ChunkState,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    /// Expecting a chunk-size line.
+    #[default]
+    Size,
+    /// Inside chunk data, this many bytes left.
+    Data(u64),
+    /// Expecting the CRLF after chunk data.
+    DataEnd,
+    /// After the last chunk: trailer lines until an empty one.
+    Trailers,
+    Done,
+}
+
+/// Longest chunk-size or trailer line accepted.
+const MAX_CHUNK_LINE: usize = 8 * 1024;
+
+impl ChunkDecoder {
+    /// Moves decoded data from `input` to `out`; `Ok(true)` once the body is complete.
+    fn decode(&mut self, input: &mut BytesMut, out: &mut BytesMut) -> Result<bool, &'static str> {
+        loop {
+            match self.state {
+                ChunkState::Done => return Ok(true),
+                ChunkState::Size => {
+                    let Some(line) = take_line(input)? else { return Ok(false) };
+                    let hex = line.split(|b| *b == b';').next().unwrap_or(&[]).trim_ascii();
+                    if hex.is_empty() || hex.len() > 16 {
+                        return Err("bad chunk size");
+                    }
+                    let mut n: u64 = 0;
+                    for &c in hex {
+                        let d = (c as char).to_digit(16).ok_or("bad chunk size")?;
+                        n = n.checked_mul(16).and_then(|v| v.checked_add(u64::from(d))).ok_or("bad chunk size")?;
+                    }
+                    self.state = if n == 0 { ChunkState::Trailers } else { ChunkState::Data(n) };
+                }
+                ChunkState::Data(left) => {
+                    if input.is_empty() {
+                        return Ok(false);
+                    }
+                    let n = usize::try_from(left).unwrap_or(usize::MAX).min(input.len());
+                    out.extend_from_slice(&input[..n]);
+                    input.advance(n);
+                    let left = left - n as u64;
+                    self.state = if left == 0 { ChunkState::DataEnd } else { ChunkState::Data(left) };
+                }
+                ChunkState::DataEnd => {
+                    let Some(line) = take_line(input)? else { return Ok(false) };
+                    if !line.is_empty() {
+                        return Err("missing CRLF after chunk data");
+                    }
+                    self.state = ChunkState::Size;
+                }
+                ChunkState::Trailers => {
+                    let Some(line) = take_line(input)? else { return Ok(false) };
+                    if line.is_empty() {
+                        self.state = ChunkState::Done;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Takes one CRLF-terminated line (without the CRLF) from the front of `input`.
+fn take_line(input: &mut BytesMut) -> Result<Option<Bytes>, &'static str> {
+    match input.windows(2).position(|w| w == b"\r\n") {
+        Some(i) => {
+            let line = input.split_to(i).freeze();
+            input.advance(2);
+            Ok(Some(line))
+        }
+        None if input.len() > MAX_CHUNK_LINE => Err("chunk line too long"),
+        None => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode_all(parts: &[&[u8]]) -> Result<(Vec<u8>, bool), &'static str> {
+        let mut d = ChunkDecoder::default();
+        let mut input = BytesMut::new();
+        let mut out = BytesMut::new();
+        let mut done = false;
+        for p in parts {
+            input.extend_from_slice(p);
+            done = d.decode(&mut input, &mut out)?;
+        }
+        Ok((out.to_vec(), done))
+    }
+
+    #[test]
+    fn chunked_bodies_decode_at_every_split() {
+        let wire = b"4;ext=1\r\nWiki\r\n5\r\npedia\r\nE\r\n in\r\n\r\nchunks.\r\n0\r\nX-T: 1\r\n\r\n";
+        for split in 0..wire.len() {
+            let (body, done) = decode_all(&[&wire[..split], &wire[split..]]).expect("valid");
+            assert!(done, "split {split}");
+            assert_eq!(body, b"Wikipedia in\r\n\r\nchunks.", "split {split}");
+        }
+    }
+
+    #[test]
+    fn chunked_errors_are_reported() {
+        assert_eq!(decode_all(&[b"zz\r\n"]), Err("bad chunk size"));
+        assert_eq!(decode_all(&[b"2\r\nabX\r\n"]), Err("missing CRLF after chunk data"));
+        assert_eq!(decode_all(&[b"11111111111111111\r\n"]), Err("bad chunk size"));
+        assert_eq!(decode_all(&[&[b'1'; MAX_CHUNK_LINE + 1]]), Err("chunk line too long"));
+        assert_eq!(decode_all(&[b"3\r\nab"]), Ok((b"ab".to_vec(), false)));
+    }
+
+    #[test]
+    fn heads_parse_framing_and_keep_alive() {
+        let h = |s: &[u8]| match parse_head(s) {
+            Ok(Some(h)) => (h.status.as_u16(), h.framing, h.keep_alive),
+            Ok(None) => panic!("partial"),
+            Err(_) => panic!("error"),
+        };
+        assert_eq!(h(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"), (200, Framing::Length(5), true));
+        assert_eq!(h(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 5\r\n\r\n"), (200, Framing::Length(5), false));
+        assert_eq!(h(b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\n"), (200, Framing::Length(5), false));
+        assert_eq!(h(b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 5\r\n\r\n"), (200, Framing::Length(5), true));
+        assert_eq!(h(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"), (200, Framing::Chunked, true));
+        assert_eq!(h(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n"), (200, Framing::Chunked, false));
+        assert_eq!(h(b"HTTP/1.1 200 OK\r\n\r\n"), (200, Framing::UntilClose, true));
+        assert_eq!(h(b"HTTP/1.1 204 No Content\r\n\r\n"), (204, Framing::Length(0), true));
+        assert_eq!(h(b"HTTP/1.1 100 Continue\r\n\r\n").0, 100);
+        assert!(matches!(parse_head(b"HTTP/1.1 200 OK\r\nContent-Le"), Ok(None)));
+        assert!(parse_head(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n").is_err());
+        assert!(parse_head(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n").is_err());
+        assert!(parse_head(b"garbage\r\n\r\n").is_err());
+    }
+}
