@@ -170,16 +170,14 @@ pub(super) async fn handle(
     let gw2 = gw.clone();
     // The exchange runs in its own task so that a client leaving mid-OPEN still gets its
     // DISCONNECT sent once the OPEN completes.
-    gw.tracker.spawn(async move {
-        let _slots = slots;
-        connection_task(gw2, conn, tx, on_upgrade, accept_key, id, spans).await;
-    });
+    gw.tracker.spawn(connection_task(gw2, conn, tx, on_upgrade, accept_key, id, spans, slots));
     match rx.await {
         Ok(resp) => resp,
         Err(_) => text_response(StatusCode::BAD_GATEWAY, "handshake failed\n"),
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn connection_task(
     gw: Arc<Gateway>,
     mut conn: Connection,
@@ -188,6 +186,7 @@ async fn connection_task(
     accept_key: String,
     id: String,
     mut spans: ConnectionSpans,
+    slots: Slots,
 ) {
     let started = std::time::Instant::now();
     // Run the OPEN exchange (with OPEN retries on keep-alive) until accepted or refused.
@@ -291,25 +290,32 @@ async fn connection_task(
         return;
     };
     tracing::debug!(conn_id = %id, route = %conn.handle.route, "connection open");
-    let route = conn.handle.route.clone();
-    let summary = client::run(stream, leftover, conn).await;
-    gw.stats
-        .client_messages
-        .fetch_add(summary.client_messages, Ordering::Relaxed);
-    gw.stats
-        .backend_messages
-        .fetch_add(summary.backend_messages, Ordering::Relaxed);
-    spans.finish_connection(summary.close_code, summary.client_messages, summary.backend_messages);
-    tracing::info!(
-        conn_id = %id,
-        route = %route,
-        duration_ms = started.elapsed().as_millis() as u64,
-        close_code = summary.close_code,
-        client_messages = summary.client_messages,
-        backend_messages = summary.backend_messages,
-        slow_consumer = summary.slow_consumer,
-        "connection closed"
-    );
+    // The open connection lives in a task of its own: this one (which carried the OPEN
+    // exchange and the upgrade, a large future) ends here and frees its memory, so an idle
+    // connection costs only the small driver task.
+    let tracker = gw.tracker.clone();
+    tracker.spawn(async move {
+        let _slots = slots;
+        let route = conn.handle.route.clone();
+        let summary = client::run(stream, leftover, conn).await;
+        gw.stats
+            .client_messages
+            .fetch_add(summary.client_messages, Ordering::Relaxed);
+        gw.stats
+            .backend_messages
+            .fetch_add(summary.backend_messages, Ordering::Relaxed);
+        spans.finish_connection(summary.close_code, summary.client_messages, summary.backend_messages);
+        tracing::info!(
+            conn_id = %id,
+            route = %route,
+            duration_ms = started.elapsed().as_millis() as u64,
+            close_code = summary.close_code,
+            client_messages = summary.client_messages,
+            backend_messages = summary.backend_messages,
+            slow_consumer = summary.slow_consumer,
+            "connection closed"
+        );
+    });
 }
 
 /// The socket under an upgraded connection, and the bytes hyper read past the request. For

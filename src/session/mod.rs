@@ -274,6 +274,8 @@ pub struct Session {
     shutdown_at: Option<Instant>,
     /// A close frame went to the client: nothing may follow it (RFC 6455 section 5.5.1).
     close_sent: bool,
+    /// Changes whenever metadata (`Set-Meta-*`, GRIP `set-meta`) changes.
+    info_version: u64,
     /// The client's close (code, reason), kept to echo it when the backend does not answer.
     client_close: Option<Option<CloseFrame>>,
     last_client_activity: Instant,
@@ -312,6 +314,7 @@ impl Session {
             close_deadline: None,
             shutdown_at: None,
             close_sent: false,
+            info_version: 0,
             client_close: None,
             last_client_activity: now,
             ping_sent: false,
@@ -796,7 +799,10 @@ impl Session {
                 }
             }
             ControlMessage::Detach => grip.detached = true,
-            ControlMessage::SetMeta { name, value } => grip.set_meta(name, value),
+            ControlMessage::SetMeta { name, value } => {
+                grip.set_meta(name, value);
+                self.info_version += 1;
+            }
             ControlMessage::KeepAlive(m) => grip.set_keep_alive(m, now),
             ControlMessage::SendDelayed(m) => {
                 if let Some(prev) = grip.send_delayed(m, now) {
@@ -854,6 +860,12 @@ impl Session {
         self.send_client(Message::Close(frame));
         self.actions.push_back(Action::CloseClient);
         self.finish();
+    }
+
+    /// A number that changes whenever the connection's metadata changes (`Set-Meta-*`
+    /// headers, GRIP `set-meta`); subscriptions are reported by actions.
+    pub fn info_version(&self) -> u64 {
+        self.info_version
     }
 
     /// Handles timers; call at or after [`Session::poll_timeout`].
@@ -1042,6 +1054,7 @@ impl Session {
             changed = true;
         }
         if changed {
+            self.info_version += 1;
             self.meta_headers = self
                 .meta
                 .iter()

@@ -185,6 +185,8 @@ struct Driver {
     shutdown_at: Option<TokioInstant>,
     summary: Summary,
     deliveries: Vec<Delivery>,
+    /// [`Session::info_version`] last published to the registry.
+    synced_info: u64,
 }
 
 /// Runs an upgraded connection to its end. `leftover` holds bytes the HTTP layer read past
@@ -200,7 +202,8 @@ pub async fn run(io: ClientIo, leftover: Bytes, conn: Connection) -> Summary {
         BytesMut::from(&leftover[..])
     };
     drop(leftover);
-    let mut d = Driver {
+    // On the heap: the connection task's future then holds a pointer, not the driver.
+    let mut d = Box::new(Driver {
         conn,
         io,
         rbuf,
@@ -215,7 +218,9 @@ pub async fn run(io: ClientIo, leftover: Bytes, conn: Connection) -> Summary {
         shutdown_at: None,
         summary: Summary::default(),
         deliveries: Vec::new(),
-    };
+        // Not a version the session has: the first pass publishes.
+        synced_info: u64::MAX,
+    });
     d.run().await;
     d.finish().await
 }
@@ -431,7 +436,9 @@ impl Driver {
                 Action::Done => self.done = true,
             }
         }
-        if info_changed || self.conn.session.grip().is_some() {
+        let version = self.conn.session.info_version();
+        if info_changed || version != self.synced_info {
+            self.synced_info = version;
             self.sync_info();
         }
     }
@@ -491,7 +498,7 @@ impl Driver {
         }
     }
 
-    async fn finish(mut self) -> Summary {
+    async fn finish(&mut self) -> Summary {
         self.apply_actions();
         // Give the client a bounded time to take what is left (close frame included).
         if !self.wbuf.is_empty() {
@@ -519,6 +526,7 @@ impl Driver {
         let st = self.conn.session.stats();
         self.summary.client_messages = st.client_messages;
         self.summary.backend_messages = st.backend_messages;
-        self.summary
+        std::mem::take(&mut self.summary)
     }
 }
+

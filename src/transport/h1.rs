@@ -85,7 +85,7 @@ impl H1Pool {
     }
 
     /// The most recently used idle connection to `authority` that still looks open.
-    fn checkout(&self, authority: &str) -> Option<TcpStream> {
+    pub(crate) fn checkout(&self, authority: &str) -> Option<TcpStream> {
         let now = Instant::now();
         loop {
             let idle = {
@@ -106,7 +106,7 @@ impl H1Pool {
         }
     }
 
-    fn checkin(self: &Arc<Self>, authority: &str, stream: TcpStream) {
+    pub(crate) fn checkin(self: &Arc<Self>, authority: &str, stream: TcpStream) {
         if self.max_idle_per_host == 0 || self.idle_timeout.is_zero() {
             return;
         }
@@ -208,7 +208,7 @@ fn looks_open(stream: &TcpStream) -> bool {
     }
 }
 
-async fn connect(authority: &str, timeout: Duration) -> Result<TcpStream, BackendError> {
+pub(crate) async fn connect(authority: &str, timeout: Duration) -> Result<TcpStream, BackendError> {
     let target = if authority.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) && !authority.ends_with(']') {
         authority.to_owned()
     } else {
@@ -246,7 +246,7 @@ impl Request {
     }
 }
 
-enum Failure {
+pub(crate) enum Failure {
     /// The connection was closed before any response byte: the request can go again.
     Stale,
     Error(BackendError),
@@ -324,7 +324,7 @@ async fn roundtrip(
     ))
 }
 
-fn is_closed(e: &io::Error) -> bool {
+pub(crate) fn is_closed(e: &io::Error) -> bool {
     matches!(
         e.kind(),
         io::ErrorKind::ConnectionReset
@@ -341,23 +341,30 @@ async fn read_more(stream: &mut TcpStream, buf: &mut BytesMut) -> io::Result<usi
     stream.read_buf(buf).await
 }
 
+/// How a response body is delimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Framing {
+pub(crate) enum Framing {
     Length(u64),
     Chunked,
     UntilClose,
 }
 
-struct Head {
-    len: usize,
-    status: StatusCode,
-    headers: HeaderMap,
-    framing: Framing,
-    keep_alive: bool,
+/// A parsed response head.
+pub(crate) struct Head {
+    /// Bytes of the head.
+    pub len: usize,
+    /// Status.
+    pub status: StatusCode,
+    /// Headers as received.
+    pub headers: HeaderMap,
+    /// Body framing.
+    pub framing: Framing,
+    /// The connection may carry another request afterwards.
+    pub keep_alive: bool,
 }
 
 /// Parses a complete response head at the front of `buf` (`None`: need more bytes).
-fn parse_head(buf: &[u8]) -> Result<Option<Head>, Failure> {
+pub(crate) fn parse_head(buf: &[u8]) -> Result<Option<Head>, Failure> {
     let mut raw = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
     let mut resp = httparse::Response::new(&mut raw);
     let len = match resp.parse(buf) {
@@ -503,7 +510,7 @@ async fn read_body(
 
 /// Incremental `Transfer-Encoding: chunked` decoder.
 #[derive(Debug, Default)]
-struct ChunkDecoder {
+pub(crate) struct ChunkDecoder {
     state: ChunkState,
 }
 
@@ -526,7 +533,7 @@ const MAX_CHUNK_LINE: usize = 8 * 1024;
 
 impl ChunkDecoder {
     /// Moves decoded data from `input` to `out`; `Ok(true)` once the body is complete.
-    fn decode(&mut self, input: &mut BytesMut, out: &mut BytesMut) -> Result<bool, &'static str> {
+    pub(crate) fn decode(&mut self, input: &mut BytesMut, out: &mut BytesMut) -> Result<bool, &'static str> {
         loop {
             match self.state {
                 ChunkState::Done => return Ok(true),
