@@ -4,7 +4,8 @@
 //! [`RouteMetrics`] that a connection looks up once, when it starts, and then holds: counting a
 //! message is one relaxed atomic add per counter, with no allocation, lock or label lookup.
 //! Everything else (handshakes, publishes, subscriptions, open connections, the route table
-//! version, the NATS state) is read from the owning structures at scrape time.
+//! and the state of its source, the NATS state) is read from the owning structures at scrape
+//! time.
 //!
 //! The exposition is written by hand ([`Exposition`]) in the OpenMetrics text format, with
 //! trace-id exemplars on the backend latency histogram, or in the Prometheus text format 0.0.4
@@ -30,7 +31,17 @@
 //! | `wsgate_slow_consumer_drops_total` | counter | |
 //! | `wsgate_subscriptions` | gauge | |
 //! | `wsgate_nats_state` | gauge (only once a source is set) | |
+//! | `wsgate_config_info` | gauge (1) | `version` (the table's exact version, as `/readyz` shows it), `source` = `static`, `file`, `control` |
 //! | `wsgate_config_version` | gauge | |
+//! | `wsgate_config_source_up` | gauge | |
+//! | `wsgate_config_reload_failures_total` | counter | |
+//! | `wsgate_config_last_success_timestamp_seconds` | gauge (only once there was one) | |
+//!
+//! `wsgate_config_version` is the *generation* of the route table in use: 1 for the table the
+//! gateway started with, plus one per applied reload or controller snapshot (with `control`,
+//! 0 until the first snapshot). The version itself goes in `wsgate_config_info`'s label: a
+//! controller snapshot's version is a 64-bit content hash, which a sample value (a float64)
+//! cannot hold exactly.
 //!
 //! The controller's families (`wsgate_controller_*`) are written by [`encode_controller`].
 
@@ -43,6 +54,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Response, StatusCode};
 
+use crate::config::ReloadStatus;
+use crate::config::control::ControlStatus;
 use crate::controller::metrics::MetricsSnapshot;
 use crate::server::{Gateway, ResponseBody, text_response};
 use crate::session::{BackendError, BackendRequest, BackendResponse};
@@ -403,6 +416,70 @@ impl Metrics {
     }
 }
 
+/// Where the route table comes from, with the status its loader keeps: the
+/// `wsgate_config_*` families are read from it at scrape time.
+#[derive(Debug, Clone, Copy)]
+pub enum ConfigSource<'a> {
+    /// Fixed at startup (`--backend`), or set by an embedding program.
+    Static,
+    /// A routes file, polled for changes.
+    File(&'a ReloadStatus),
+    /// Snapshots from the controller's control API.
+    Control(&'a ControlStatus),
+}
+
+impl ConfigSource<'_> {
+    /// The `source` label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Static => "static",
+            Self::File(_) => "file",
+            Self::Control(_) => "control",
+        }
+    }
+
+    /// Generation of the table in use: 1 for the startup table plus one per applied reload
+    /// (a routes file), or the number of snapshots applied (the controller; 0 before the
+    /// first). Always 1 for a static table.
+    pub fn generation(self) -> u64 {
+        match self {
+            Self::Static => 1,
+            Self::File(s) => s.generation(),
+            Self::Control(s) => s.updates(),
+        }
+    }
+
+    /// Whether the source is healthy: the controller's last answer was good, the routes
+    /// file as last read is valid and in use. A static table always is.
+    pub fn is_up(self) -> bool {
+        match self {
+            Self::Static => true,
+            Self::File(s) => s.is_up(),
+            Self::Control(s) => s.is_up(),
+        }
+    }
+
+    /// Failed reloads of the routes file, or failed control API requests and rejected
+    /// snapshots.
+    pub fn failures(self) -> u64 {
+        match self {
+            Self::Static => 0,
+            Self::File(s) => s.reloads_failed(),
+            Self::Control(s) => s.failures(),
+        }
+    }
+
+    /// The last time the source was read successfully with its content in use; `None` for a
+    /// static table and before the first success.
+    pub fn last_success(self) -> Option<SystemTime> {
+        match self {
+            Self::Static => None,
+            Self::File(s) => s.last_success(),
+            Self::Control(s) => s.last_success(),
+        }
+    }
+}
+
 /// Type of a metric family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -477,6 +554,13 @@ impl Exposition {
         debug_assert_eq!(self.kind, Kind::Gauge);
         self.sample_head("", labels, None);
         let _ = writeln!(self.out, " {value}");
+    }
+
+    /// One gauge sample of the current family with a fractional value (e.g. a timestamp).
+    pub fn gauge_f64(&mut self, labels: &[(&str, &str)], value: f64) {
+        debug_assert_eq!(self.kind, Kind::Gauge);
+        self.sample_head("", labels, None);
+        let _ = writeln!(self.out, " {}", float(value));
     }
 
     /// The samples of one histogram of the current family.
@@ -564,8 +648,8 @@ fn escape_help(v: &str) -> String {
     s
 }
 
-/// Renders every gateway metric.
-pub fn render(gw: &Gateway, format: Format) -> String {
+/// Renders every gateway metric; `source` is where the route table comes from.
+pub fn render(gw: &Gateway, source: ConfigSource<'_>, format: Format) -> String {
     let mut e = Exposition::new(format);
     let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
 
@@ -715,14 +799,50 @@ pub fn render(gw: &Gateway, format: Format) -> String {
         );
         e.gauge(&[], state);
     }
+    encode_config(&mut e, gw.table.load().version(), source);
+    e.finish()
+}
+
+/// The `wsgate_config_*` families, for the table at `version` from `source`.
+fn encode_config(e: &mut Exposition, version: u64, source: ConfigSource<'_>) {
+    e.family(
+        "wsgate_config_info",
+        Kind::Gauge,
+        None,
+        "The route table in use: its exact version (as /readyz shows it) and where it comes from.",
+    );
+    e.gauge(&[("version", &version.to_string()), ("source", source.label())], 1);
     e.family(
         "wsgate_config_version",
         Kind::Gauge,
         None,
-        "Version of the route table (routes file or controller snapshot) in use.",
+        "Generation of the route table in use: 1 for the first (the startup table, or the controller's first snapshot), plus one per applied reload or snapshot.",
     );
-    e.gauge(&[], i64::try_from(gw.table.load().version()).unwrap_or(i64::MAX));
-    e.finish()
+    e.gauge(&[], i64::try_from(source.generation()).unwrap_or(i64::MAX));
+    e.family(
+        "wsgate_config_source_up",
+        Kind::Gauge,
+        None,
+        "1 while the route source is healthy (controller answering, routes file valid), 0 while the last good table is kept.",
+    );
+    e.gauge(&[], i64::from(source.is_up()));
+    e.family(
+        "wsgate_config_reload_failures",
+        Kind::Counter,
+        None,
+        "Routes file reloads rejected or unreadable, or control API requests failed and snapshots rejected.",
+    );
+    e.counter(&[], source.failures());
+    e.family(
+        "wsgate_config_last_success_timestamp_seconds",
+        Kind::Gauge,
+        Some("seconds"),
+        "Unix time the route source was last read successfully with its content in use.",
+    );
+    if let Some(at) = source.last_success() {
+        let secs = at.duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+        e.gauge_f64(&[], secs);
+    }
 }
 
 /// Writes the controller's families (`wsgate_controller_*`); `reconcile_durations` adds
@@ -785,9 +905,9 @@ pub fn encode_controller(e: &mut Exposition, s: &MetricsSnapshot, reconcile_dura
 }
 
 /// The `GET /metrics` response, in the format the `Accept` header asks for.
-pub fn response(gw: &Gateway, request_headers: &HeaderMap) -> Response<ResponseBody> {
+pub fn response(gw: &Gateway, source: ConfigSource<'_>, request_headers: &HeaderMap) -> Response<ResponseBody> {
     let format = Format::negotiate(request_headers.get(header::ACCEPT));
-    let mut r = Response::new(full_body(render(gw, format).into()));
+    let mut r = Response::new(full_body(render(gw, source, format).into()));
     r.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(format.content_type()));
     r
@@ -941,6 +1061,116 @@ mod tests {
         assert_eq!(m.nats_state(), None);
         m.set_nats_state_fn(|| 1);
         assert_eq!(m.nats_state(), Some(1));
+    }
+
+    fn config_text(version: u64, source: ConfigSource<'_>) -> String {
+        let mut e = Exposition::new(Format::Prometheus);
+        encode_config(&mut e, version, source);
+        e.finish()
+    }
+
+    fn sample<'a>(text: &'a str, series: &str) -> Option<&'a str> {
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .find_map(|l| l.rsplit_once(' ').filter(|(name, _)| *name == series).map(|(_, v)| v))
+    }
+
+    #[test]
+    fn a_static_table_is_generation_one_and_always_up() {
+        let text = config_text(1, ConfigSource::Static);
+        assert_eq!(
+            sample(&text, r#"wsgate_config_info{version="1",source="static"}"#),
+            Some("1")
+        );
+        assert_eq!(sample(&text, "wsgate_config_version"), Some("1"));
+        assert_eq!(sample(&text, "wsgate_config_source_up"), Some("1"));
+        assert_eq!(sample(&text, "wsgate_config_reload_failures_total"), Some("0"));
+        assert!(text.contains("# TYPE wsgate_config_last_success_timestamp_seconds gauge\n"));
+        assert_eq!(sample(&text, "wsgate_config_last_success_timestamp_seconds"), None);
+    }
+
+    #[test]
+    fn a_snapshot_version_above_i64_max_is_exact_in_the_info_label() {
+        let control = ControlStatus::new();
+        let version = 10_458_507_545_456_166_140_u64;
+        assert!(version > i64::MAX as u64);
+        let text = config_text(version, ConfigSource::Control(&control));
+        assert_eq!(sample(&text, "wsgate_config_version"), Some("0"), "no snapshot yet");
+        assert_eq!(sample(&text, "wsgate_config_source_up"), Some("0"));
+        assert_eq!(sample(&text, "wsgate_config_last_success_timestamp_seconds"), None);
+
+        let before = unix_now();
+        control.record_ok(Some(version), &[]);
+        control.record_ok(Some(version - 1), &[]);
+        control.record_ok(None, &[]);
+        let text = config_text(version, ConfigSource::Control(&control));
+        assert_eq!(
+            sample(
+                &text,
+                r#"wsgate_config_info{version="10458507545456166140",source="control"}"#
+            ),
+            Some("1"),
+            "{text}"
+        );
+        assert_eq!(
+            sample(&text, "wsgate_config_version"),
+            Some("2"),
+            "two snapshots applied"
+        );
+        assert_eq!(sample(&text, "wsgate_config_source_up"), Some("1"));
+        let at: f64 = sample(&text, "wsgate_config_last_success_timestamp_seconds")
+            .expect("last success")
+            .parse()
+            .expect("a number");
+        assert!(at >= before.floor() && at <= unix_now() + 1.0, "{at} vs {before}");
+
+        control.record_error(&crate::config::control::ControlError::Request("refused".into()), false);
+        control.record_error(&crate::config::control::ControlError::Request("refused".into()), false);
+        let text = config_text(version, ConfigSource::Control(&control));
+        assert_eq!(sample(&text, "wsgate_config_source_up"), Some("0"));
+        assert_eq!(sample(&text, "wsgate_config_reload_failures_total"), Some("2"));
+        assert_eq!(
+            sample(&text, "wsgate_config_version"),
+            Some("2"),
+            "the table in use stays"
+        );
+    }
+
+    #[test]
+    fn a_rejected_routes_file_counts_a_failure_and_is_down_until_fixed() {
+        let reload = ReloadStatus::new(1);
+        let text = config_text(1, ConfigSource::File(&reload));
+        assert_eq!(
+            sample(&text, r#"wsgate_config_info{version="1",source="file"}"#),
+            Some("1")
+        );
+        assert_eq!(sample(&text, "wsgate_config_version"), Some("1"));
+        assert_eq!(sample(&text, "wsgate_config_source_up"), Some("1"));
+        reload.record_failure(&crate::config::ConfigError::single("routes", "expected a list"));
+        let text = config_text(1, ConfigSource::File(&reload));
+        assert_eq!(sample(&text, "wsgate_config_source_up"), Some("0"));
+        assert_eq!(sample(&text, "wsgate_config_reload_failures_total"), Some("1"));
+        reload.record_ok(2);
+        let text = config_text(2, ConfigSource::File(&reload));
+        assert_eq!(sample(&text, "wsgate_config_version"), Some("2"));
+        assert_eq!(sample(&text, "wsgate_config_source_up"), Some("1"));
+        assert!(sample(&text, "wsgate_config_last_success_timestamp_seconds").is_some());
+    }
+
+    #[test]
+    fn float_gauges_and_the_unit_line_parse_in_both_formats() {
+        for format in [Format::OpenMetrics, Format::Prometheus] {
+            let mut e = Exposition::new(format);
+            e.family("x_timestamp_seconds", Kind::Gauge, Some("seconds"), "T.");
+            e.gauge_f64(&[], 1_700_000_000.25);
+            let text = e.finish();
+            assert!(text.contains("x_timestamp_seconds 1700000000.25\n"), "{text}");
+            assert_eq!(
+                text.contains("# UNIT x_timestamp_seconds seconds\n"),
+                format == Format::OpenMetrics,
+                "{text}"
+            );
+        }
     }
 
     #[test]

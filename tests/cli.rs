@@ -248,6 +248,127 @@ async fn routes_file_reload_keeps_open_connections_and_applies_edits() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The `/metrics` text (Prometheus format).
+async fn metrics_text(admin: SocketAddr) -> String {
+    let (status, _, body) = http_request(admin, "GET", "/metrics", &[], b"").await;
+    assert_eq!(status, 200, "GET /metrics");
+    String::from_utf8_lossy(&body).into_owned()
+}
+
+/// The value of `series` (name and labels, as written) in a Prometheus text exposition.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.rsplit_once(' ').filter(|(name, _)| *name == series))
+        .and_then(|(_, v)| v.parse().ok())
+}
+
+async fn readyz(admin: SocketAddr) -> (u16, String) {
+    let (status, _, body) = http_request(admin, "GET", "/readyz", &[], b"").await;
+    (status.as_u16(), String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test]
+async fn a_rejected_routes_file_shows_in_readyz_and_metrics_without_secrets() {
+    let backend = Backend::echo().await;
+    let dir = std::env::temp_dir().join(format!("wsgate-reject-{}-{}", std::process::id(), rand_suffix()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("routes.yaml");
+    let good = |rev: &str| {
+        format!(
+            "routes:\n  - name: app\n    backend:\n      url: {}\n    headers:\n      add: [{{name: X-Rev, value: \"{rev}\"}}]\n",
+            backend.url()
+        )
+    };
+    std::fs::write(&path, good("1")).expect("write");
+    let p = Proc::start(&["--config", path.to_str().expect("utf8"), "--reload-interval", "50ms"]).await;
+    let text = metrics_text(p.admin).await;
+    assert_eq!(
+        sample(&text, r#"wsgate_config_info{version="1",source="file"}"#),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(sample(&text, "wsgate_config_version"), Some(1.0));
+    assert_eq!(sample(&text, "wsgate_config_source_up"), Some(1.0));
+    assert_eq!(sample(&text, "wsgate_config_reload_failures_total"), Some(0.0));
+    let first_success = sample(&text, "wsgate_config_last_success_timestamp_seconds").expect("last success");
+    assert!(first_success > 1.6e9, "{first_success}");
+    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/", p.addr))
+        .await
+        .expect("connect");
+    let mut c = Client { ws };
+    c.send_text("one").await;
+    c.expect_text("one").await;
+
+    // Rejected: credentials in a URL, a signing key given twice, a misspelt field. None of
+    // the secret values may show in /readyz.
+    let bad = "routes:\n  - name: app\n    backend:\n      url: http://admin:hunter2-password@127.0.0.1:1\n    \
+               grip:\n      signingKey: {value: hunter2-signing-key, env: WSGATE_NO_SUCH_VAR}\n    \
+               limits:\n      maxMesageBytes: 5\n";
+    std::fs::write(&path, bad).expect("write");
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let body = loop {
+        let (status, body) = readyz(p.admin).await;
+        assert_eq!(status, 200, "still ready: {body}");
+        if body.contains("degraded: routes file failing since ") {
+            break body;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "readyz never reported the rejected file: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(
+        body.starts_with("ready (routes version 1); degraded: routes file failing since "),
+        "{body}"
+    );
+    assert!(body.contains("maxMesageBytes"), "the error names the field: {body}");
+    assert!(
+        body.contains("routes[0].backend.url: must not contain credentials"),
+        "{body}"
+    );
+    assert!(!body.contains("hunter2"), "no secret in /readyz: {body}");
+    assert_eq!(body.lines().count(), 1, "{body}");
+    let text = metrics_text(p.admin).await;
+    assert!(!text.contains("hunter2"), "no secret in /metrics");
+    assert_eq!(sample(&text, "wsgate_config_source_up"), Some(0.0));
+    assert_eq!(sample(&text, "wsgate_config_reload_failures_total"), Some(1.0));
+    assert_eq!(
+        sample(&text, r#"wsgate_config_info{version="1",source="file"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&text, "wsgate_config_version"),
+        Some(1.0),
+        "the table in use stays"
+    );
+    // Traffic keeps flowing on the last good routes.
+    c.send_text("two").await;
+    c.expect_text("two").await;
+    let r = backend.wait_event(Event::Text(Bytes::from_static(b"two"))).await;
+    assert_eq!(r.header("x-rev"), Some("1"));
+
+    // Fixed: healthy again, a new generation, the failure stays counted.
+    std::fs::write(&path, good("2")).expect("write");
+    eventually("readyz shows version 2 without degradation", || async {
+        readyz(p.admin).await == (200, "ready (routes version 2)\n".to_owned())
+    })
+    .await;
+    let text = metrics_text(p.admin).await;
+    assert_eq!(
+        sample(&text, r#"wsgate_config_info{version="2",source="file"}"#),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(sample(&text, "wsgate_config_version"), Some(2.0));
+    assert_eq!(sample(&text, "wsgate_config_source_up"), Some(1.0));
+    assert_eq!(sample(&text, "wsgate_config_reload_failures_total"), Some(1.0));
+    assert!(sample(&text, "wsgate_config_last_success_timestamp_seconds").is_some_and(|t| t >= first_success));
+    drop(p);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn rand_suffix() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use support::fake_kube::{FakeKube, TokenUser};
 use support::{Backend, TestGateway, eventually, http_request, upgrade_headers};
+use wsgate::admin::AdminState;
 use wsgate::config::control::{ControlClientConfig, ControlStatus, TOKEN_AUDIENCE, run_control_client};
 use wsgate::controller::{ControlPlane, ControllerConfig, LeaseConfig, WebSocketRoute};
 use wsgate::server::GatewaySettings;
@@ -24,6 +25,8 @@ const NS: &str = "apps";
 struct ControlledGateway {
     gateway: TestGateway,
     status: Arc<ControlStatus>,
+    /// An admin listener that knows the control status (the one of `TestGateway` does not).
+    admin: std::net::SocketAddr,
     stop: CancellationToken,
     _token_file: TempFile,
 }
@@ -84,12 +87,32 @@ impl ControlledGateway {
             status.clone(),
             stop.clone(),
         ));
+        let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
+        let admin = admin_listener.local_addr().expect("admin addr");
+        let admin_state = Arc::new(AdminState {
+            listening: true.into(),
+            control: Some(status.clone()),
+            ..AdminState::new(gateway.gw.clone())
+        });
+        tokio::spawn(wsgate::admin::run(admin_listener, admin_state, stop.clone()));
         Self {
             gateway,
             status,
+            admin,
             stop,
             _token_file: TempFile(path),
         }
+    }
+
+    async fn readyz(&self) -> (u16, String) {
+        let (status, _, body) = http_request(self.admin, "GET", "/readyz", &[], b"").await;
+        (status.as_u16(), String::from_utf8_lossy(&body).into_owned())
+    }
+
+    async fn metrics(&self) -> String {
+        let (status, _, body) = http_request(self.admin, "GET", "/metrics", &[], b"").await;
+        assert_eq!(status, 200, "GET /metrics");
+        String::from_utf8_lossy(&body).into_owned()
     }
 
     fn route_names(&self) -> Vec<String> {
@@ -101,6 +124,14 @@ impl ControlledGateway {
             .map(|r| r.name.clone())
             .collect()
     }
+}
+
+/// The value of `series` (name and labels, as written) in a Prometheus text exposition.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.rsplit_once(' ').filter(|(name, _)| *name == series))
+        .and_then(|(_, v)| v.parse().ok())
 }
 
 fn route(name: &str, spec: serde_json::Value) -> WebSocketRoute {
@@ -163,6 +194,20 @@ async fn routes_reach_only_matching_gateways_and_survive_edits_and_controller_lo
     .await;
     assert!(feed.route_names().is_empty());
     assert_eq!(chat.status.version(), Some(chat.gateway.table.load().version()));
+    // /readyz and /metrics show the same exact version (a u64 content hash).
+    let version = chat.gateway.table.load().version();
+    assert_eq!(
+        chat.readyz().await,
+        (200, format!("ready (routes version {version})\n"))
+    );
+    let text = chat.metrics().await;
+    let info = format!(r#"wsgate_config_info{{version="{version}",source="control"}}"#);
+    assert_eq!(sample(&text, &info), Some(1.0), "{text}");
+    assert_eq!(sample(&text, "wsgate_config_source_up"), Some(1.0));
+    assert_eq!(
+        sample(&text, "wsgate_config_version"),
+        Some(chat.status.updates() as f64)
+    );
     let (status, _, _) = http_request(feed.gateway.addr, "GET", "/chat", &upgrade_headers(), b"").await;
     assert_eq!(status, 404, "the feed gateway has no such route");
 
@@ -227,6 +272,22 @@ async fn routes_reach_only_matching_gateways_and_survive_edits_and_controller_lo
     })
     .await;
     assert_eq!(chat.route_names(), ["apps/chat"]);
+    // Still ready on the last good snapshot, but /readyz and /metrics say the controller is
+    // away.
+    let version = chat.gateway.table.load().version();
+    eventually("readyz says the control API is unreachable", || async {
+        let (status, body) = chat.readyz().await;
+        assert_eq!(status, 200, "{body}");
+        body.starts_with(&format!(
+            "ready (routes version {version}); degraded: control API unreachable since "
+        ))
+    })
+    .await;
+    let text = chat.metrics().await;
+    assert_eq!(sample(&text, "wsgate_config_source_up"), Some(0.0), "{text}");
+    assert!(sample(&text, "wsgate_config_reload_failures_total").is_some_and(|n| n >= 1.0));
+    let info = format!(r#"wsgate_config_info{{version="{version}",source="control"}}"#);
+    assert_eq!(sample(&text, &info), Some(1.0), "{text}");
     client.send_text("after the controller").await;
     client.expect_text("after the controller").await;
     let mut third = chat.gateway.connect("/chat").await;

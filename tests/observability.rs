@@ -545,7 +545,11 @@ async fn metrics_count_a_known_workload_exactly() {
         ("wsgate_deliveries", &[], 0.0),
         ("wsgate_slow_consumer_drops", &[], 0.0),
         ("wsgate_subscriptions", &[], 0.0),
+        // A static table (no routes file, no controller): generation 1, always up.
         ("wsgate_config_version", &[], 1.0),
+        ("wsgate_config_info", &[("version", "1"), ("source", "static")], 1.0),
+        ("wsgate_config_source_up", &[], 1.0),
+        ("wsgate_config_reload_failures", &[], 0.0),
         ("wsgate_build_info", &[("version", env!("CARGO_PKG_VERSION"))], 1.0),
     ];
     for (family, labels, want) in checks {

@@ -25,7 +25,7 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use base64::Engine as _;
@@ -360,23 +360,39 @@ impl ControlClientArgs {
 #[derive(Debug)]
 pub struct ControlStatus {
     connected: AtomicBool,
+    up: AtomicBool,
     synced: AtomicBool,
     version: AtomicU64,
     updates: AtomicU64,
     failures: AtomicU64,
-    last_error: Mutex<Option<String>>,
+    /// Unix time in milliseconds of the last good answer (0: none yet).
+    last_success_ms: AtomicU64,
+    trouble: Mutex<Trouble>,
     changed: tokio::sync::watch::Sender<u64>,
+}
+
+/// What is wrong, if anything.
+#[derive(Debug, Default)]
+struct Trouble {
+    /// Why the last exchange failed, while failing.
+    last_error: Option<String>,
+    /// When the current run of failures started.
+    failing_since: Option<SystemTime>,
+    /// The routes of the snapshot in use that were left out, if any.
+    left_out: Option<String>,
 }
 
 impl Default for ControlStatus {
     fn default() -> Self {
         Self {
             connected: AtomicBool::new(false),
+            up: AtomicBool::new(false),
             synced: AtomicBool::new(false),
             version: AtomicU64::new(0),
             updates: AtomicU64::new(0),
             failures: AtomicU64::new(0),
-            last_error: Mutex::new(None),
+            last_success_ms: AtomicU64::new(0),
+            trouble: Mutex::new(Trouble::default()),
             changed: tokio::sync::watch::Sender::new(0),
         }
     }
@@ -388,9 +404,17 @@ impl ControlStatus {
         Self::default()
     }
 
-    /// Whether the last request reached the controller and was answered.
+    /// Whether the last request reached the controller and was answered (with anything,
+    /// an error status included).
     pub fn is_connected(&self) -> bool {
         self.connected.load(Ordering::SeqCst)
+    }
+
+    /// Whether the last exchange with the controller went well: a snapshot that was applied,
+    /// or "unchanged". `false` before the first answer, while the controller is unreachable,
+    /// answers with an error, or sends a snapshot that is rejected.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::SeqCst)
     }
 
     /// Whether a snapshot has been applied since start (the gateway has its routes; it stays
@@ -404,7 +428,8 @@ impl ControlStatus {
         self.is_synced().then(|| self.version.load(Ordering::SeqCst))
     }
 
-    /// Snapshots applied.
+    /// Snapshots applied. This is also the generation of the table in use: 1 for the first
+    /// snapshot, plus one per later one (0 before the first).
     pub fn updates(&self) -> u64 {
         self.updates.load(Ordering::SeqCst)
     }
@@ -414,9 +439,31 @@ impl ControlStatus {
         self.failures.load(Ordering::SeqCst)
     }
 
-    /// The last problem (cleared by the next good answer).
+    /// The last problem: why the last exchange failed, or else the routes left out of the
+    /// snapshot in use ([`ControlStatus::routes_left_out`]); `None` when all is well.
     pub fn last_error(&self) -> Option<String> {
-        self.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        let trouble = self.trouble();
+        trouble.last_error.clone().or_else(|| trouble.left_out.clone())
+    }
+
+    /// The routes of the snapshot in use that did not compile and were left out
+    /// (`routes left out: ns/name.field: problem; ...`), if any.
+    pub fn routes_left_out(&self) -> Option<String> {
+        self.trouble().left_out.clone()
+    }
+
+    /// When the current run of failed exchanges started, while there is one.
+    pub fn failing_since(&self) -> Option<SystemTime> {
+        self.trouble().failing_since
+    }
+
+    /// The time of the last good answer of the controller (a snapshot applied, or
+    /// "unchanged"), if there was one.
+    pub fn last_success(&self) -> Option<SystemTime> {
+        match self.last_success_ms.load(Ordering::SeqCst) {
+            0 => None,
+            ms => Some(UNIX_EPOCH + Duration::from_millis(ms)),
+        }
     }
 
     /// A receiver that changes whenever the status does (value: a change counter).
@@ -424,29 +471,55 @@ impl ControlStatus {
         self.changed.subscribe()
     }
 
+    fn trouble(&self) -> std::sync::MutexGuard<'_, Trouble> {
+        // A poisoned lock only means a panic while writing two plain fields.
+        self.trouble.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn bump(&self) {
         self.changed.send_modify(|n| *n = n.wrapping_add(1));
     }
 
-    fn record_error(&self, error: &ControlError, connected: bool) {
+    /// Records a failed exchange; `connected` when the controller did answer (an error
+    /// status, or a snapshot that was rejected).
+    pub(crate) fn record_error(&self, error: &ControlError, connected: bool) {
         self.connected.store(connected, Ordering::SeqCst);
+        self.up.store(false, Ordering::SeqCst);
         self.failures.fetch_add(1, Ordering::SeqCst);
-        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error.to_string());
+        {
+            let mut trouble = self.trouble();
+            trouble.last_error = Some(error.to_string());
+            trouble.failing_since.get_or_insert_with(SystemTime::now);
+        }
         self.bump();
     }
 
-    fn record_ok(&self, applied: Option<u64>, skipped: &[FieldError]) {
+    /// Records a good answer: `applied` is the version of a snapshot just applied (`None`
+    /// for "unchanged"), `skipped` the routes of it that were left out.
+    pub(crate) fn record_ok(&self, applied: Option<u64>, skipped: &[FieldError]) {
         self.connected.store(true, Ordering::SeqCst);
         if let Some(version) = applied {
             self.version.store(version, Ordering::SeqCst);
             self.synced.store(true, Ordering::SeqCst);
             self.updates.fetch_add(1, Ordering::SeqCst);
         }
-        let error = (!skipped.is_empty()).then(|| {
-            let list: Vec<String> = skipped.iter().map(ToString::to_string).collect();
-            format!("routes left out: {}", list.join("; "))
-        });
-        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = error;
+        let ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(1, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1));
+        self.last_success_ms.store(ms, Ordering::SeqCst);
+        {
+            let mut trouble = self.trouble();
+            trouble.last_error = None;
+            trouble.failing_since = None;
+            // An "unchanged" answer keeps the list of the snapshot in use.
+            if applied.is_some() {
+                trouble.left_out = (!skipped.is_empty()).then(|| {
+                    let list: Vec<String> = skipped.iter().map(ToString::to_string).collect();
+                    format!("routes left out: {}", list.join("; "))
+                });
+            }
+        }
+        self.up.store(true, Ordering::SeqCst);
         self.bump();
     }
 }
@@ -707,6 +780,48 @@ mod tests {
             ..args
         };
         assert_eq!(none.to_config(&env), Ok(None));
+    }
+
+    #[test]
+    fn status_tracks_health_failure_runs_and_left_out_routes() {
+        let s = ControlStatus::new();
+        assert!(!s.is_up() && !s.is_connected() && s.last_success().is_none());
+        let refused = ControlError::Request("connection refused".into());
+        s.record_error(&refused, false);
+        let since = s.failing_since().expect("failing");
+        s.record_error(
+            &ControlError::Status {
+                status: 500,
+                body: "oops".into(),
+            },
+            true,
+        );
+        assert_eq!(s.failing_since(), Some(since), "one run of failures");
+        assert!(s.is_connected() && !s.is_up());
+        assert_eq!(s.failures(), 2);
+        assert_eq!(s.last_error().as_deref(), Some("control API answered 500: oops"));
+
+        let skipped = [FieldError::new("ns/a.backend", "bad")];
+        s.record_ok(Some(9), &skipped);
+        assert!(s.is_up() && s.failing_since().is_none() && s.last_success().is_some());
+        assert_eq!(
+            s.routes_left_out().as_deref(),
+            Some("routes left out: ns/a.backend: bad")
+        );
+        assert_eq!(s.last_error(), s.routes_left_out());
+        assert_eq!((s.version(), s.updates()), (Some(9), 1));
+
+        // A failure shows its own error; "unchanged" afterwards brings back the left-out list
+        // of the snapshot still in use.
+        s.record_error(&refused, false);
+        assert_eq!(
+            s.last_error().as_deref(),
+            Some("control API request failed: connection refused")
+        );
+        s.record_ok(None, &[]);
+        assert_eq!(s.last_error().as_deref(), Some("routes left out: ns/a.backend: bad"));
+        s.record_ok(Some(10), &[]);
+        assert_eq!((s.last_error(), s.updates()), (None, 2));
     }
 
     #[test]

@@ -6,7 +6,8 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
@@ -28,15 +29,31 @@ pub struct ReloadState {
     pub reloads_failed: u64,
     /// Why the latest reload failed; cleared by the next successful one.
     pub last_error: Option<String>,
+    /// When the current run of failures started (set with the first failure after a good
+    /// state, kept while `last_error` is set, cleared with it).
+    pub failing_since: Option<SystemTime>,
 }
 
-/// Shared, observable reload status (for `/readyz`, the admin API and tests).
+impl ReloadState {
+    /// Generation of the table in use: 1 for the table loaded at startup, plus one per
+    /// successful reload. Unlike the version it never depends on where the first table came
+    /// from, so it is the same kind of number for every source.
+    pub fn generation(&self) -> u64 {
+        self.reloads_ok.saturating_add(1)
+    }
+}
+
+/// Shared, observable reload status (for `/readyz`, `/metrics` and tests).
 ///
 /// [`watch_routes_file`] sets its version to the table's when it starts, so `default()` is
 /// fine to start with.
 #[derive(Debug, Default)]
 pub struct ReloadStatus {
     state: watch::Sender<ReloadState>,
+    /// Unix time in milliseconds of the last poll that found the file readable with its
+    /// content in use (0: never). Kept out of `state`: it changes at every poll, and
+    /// subscribers should only wake up for real changes.
+    last_success_ms: AtomicU64,
 }
 
 impl ReloadStatus {
@@ -47,6 +64,7 @@ impl ReloadStatus {
                 version,
                 ..ReloadState::default()
             }),
+            last_success_ms: AtomicU64::new(0),
         }
     }
 
@@ -75,25 +93,64 @@ impl ReloadStatus {
         self.state.borrow().reloads_failed
     }
 
+    /// Generation of the table in use (see [`ReloadState::generation`]).
+    pub fn generation(&self) -> u64 {
+        self.state.borrow().generation()
+    }
+
+    /// Whether the file, as last read, is the one in use: readable and valid (or unchanged
+    /// since it was). `false` while the latest content is rejected or the file can't be read.
+    pub fn is_up(&self) -> bool {
+        self.state.borrow().last_error.is_none()
+    }
+
+    /// When the current run of failures started, while there is one.
+    pub fn failing_since(&self) -> Option<SystemTime> {
+        self.state.borrow().failing_since
+    }
+
+    /// The last time the file was found readable with its content in use: at the watcher's
+    /// start (the table it started with is in use), then at every such poll. `None` before
+    /// the watcher started.
+    pub fn last_success(&self) -> Option<SystemTime> {
+        match self.last_success_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(UNIX_EPOCH + Duration::from_millis(ms)),
+        }
+    }
+
+    /// Records that the content in use was confirmed now.
+    pub(crate) fn record_success_now(&self) {
+        let ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(1, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1));
+        self.last_success_ms.store(ms, Ordering::Relaxed);
+    }
+
     /// A receiver notified on every change, e.g. to wait for a version with
     /// `receiver.wait_for(|s| s.version >= 2)`.
     pub fn subscribe(&self) -> watch::Receiver<ReloadState> {
         self.state.subscribe()
     }
 
-    fn record_ok(&self, version: u64) {
+    /// Records a successful reload to `version`.
+    pub(crate) fn record_ok(&self, version: u64) {
         self.state.send_modify(|s| {
             s.version = version;
             s.reloads_ok += 1;
             s.last_error = None;
+            s.failing_since = None;
         });
+        self.record_success_now();
     }
 
-    fn record_failure(&self, error: &ConfigError) {
+    /// Records a failed reload (invalid or unreadable file).
+    pub(crate) fn record_failure(&self, error: &ConfigError) {
         let message = error.to_string();
         self.state.send_modify(|s| {
             s.reloads_failed += 1;
             s.last_error = Some(message);
+            s.failing_since.get_or_insert_with(SystemTime::now);
         });
     }
 
@@ -102,6 +159,9 @@ impl ReloadStatus {
     fn restore_error(&self, error: Option<String>) {
         self.state.send_if_modified(|s| {
             let changed = s.last_error != error;
+            if error.is_none() {
+                s.failing_since = None;
+            }
             s.last_error = error;
             changed
         });
@@ -133,6 +193,8 @@ pub async fn watch_routes_file(
     });
     let mut seen = current.source_digest();
     drop(current);
+    // The table it starts with is in use, so it counts as loaded fine.
+    status.record_success_now();
     // Why the content with digest `seen` was rejected, if it was.
     let mut seen_error: Option<String> = None;
     let mut read_failing: Option<String> = None;
@@ -165,6 +227,9 @@ pub async fn watch_routes_file(
         if seen == Some(new_digest) {
             if recovered {
                 status.restore_error(seen_error.clone());
+            }
+            if seen_error.is_none() {
+                status.record_success_now();
             }
             continue;
         }
@@ -199,4 +264,32 @@ async fn compile_in_background(path: &Path, bytes: Vec<u8>, version: u64) -> Res
     })
     .await
     .unwrap_or_else(|e| Err(ConfigError::single("", format!("routes file compilation failed: {e}"))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_run_starts_once_and_ends_with_a_good_state() {
+        let status = ReloadStatus::new(1);
+        assert!(status.is_up() && status.last_success().is_none());
+        assert_eq!(status.generation(), 1);
+        let bad = ConfigError::single("routes", "expected a list, got a mapping");
+        status.record_failure(&bad);
+        let since = status.failing_since().expect("failing");
+        assert!(!status.is_up());
+        status.record_failure(&ConfigError::single("", "cannot read routes file x: gone"));
+        assert_eq!(status.failing_since(), Some(since));
+        // The read error ends, the rejected content is back: still failing, since the start.
+        status.restore_error(Some(bad.to_string()));
+        assert_eq!((status.failing_since(), status.reloads_failed()), (Some(since), 2));
+        status.restore_error(None);
+        assert!(status.is_up() && status.failing_since().is_none());
+
+        status.record_failure(&bad);
+        status.record_ok(2);
+        assert!(status.is_up() && status.failing_since().is_none() && status.last_success().is_some());
+        assert_eq!((status.version(), status.generation()), (2, 2));
+    }
 }

@@ -542,13 +542,12 @@ impl Session {
     pub fn handle_shutdown(&mut self, now: Instant) {
         self.now = now;
         match self.state {
+            // Messages the backend is answering now are delivered before the 1001: stop
+            // taking client input and close once the exchange is over (bounded).
+            State::Open if self.shutdown_at.is_some() => {}
             State::Open if self.inflight.is_some() || !self.queue.is_empty() => {
-                // Messages the backend is answering now are delivered before the 1001: stop
-                // taking client input and close once the exchange is over (bounded).
-                if self.shutdown_at.is_none() {
-                    self.shutdown_at = Some(now + self.cfg.close_timeout);
-                    self.actions.push_back(Action::StopReading);
-                }
+                self.shutdown_at = Some(now + self.cfg.close_timeout);
+                self.actions.push_back(Action::StopReading);
             }
             State::Open => self.shut_down(now),
             State::BackendClosing => {

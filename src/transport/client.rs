@@ -16,7 +16,7 @@ use tokio::time::{Instant as TokioInstant, Sleep};
 use tokio_util::sync::CancellationToken;
 
 use super::backend::{self, RequestTemplate};
-use super::io::ClientIo;
+use super::io::{ClientIo, IoEvent};
 use crate::grip::{ConnHandle, ConnInfo, Delivery, Registry};
 use crate::metrics::Direction;
 use crate::protocol::frame::{self, CloseFrame, FrameDecoder, Message};
@@ -243,11 +243,12 @@ impl Driver {
             let want_write = !self.wbuf.is_empty() || self.io.wants_write();
             let open = self.conn.session.is_open();
             tokio::select! {
-                r = self.io.readable(), if want_read => {
-                    if r.is_err() { self.client_gone(); } else { self.read(); }
-                }
-                r = self.io.writable(), if want_write => {
-                    if r.is_err() { self.client_gone(); } else { self.try_flush(); }
+                ev = std::future::poll_fn(|cx| self.io.poll_io(cx, want_read, want_write, &mut self.rbuf)), if want_read || want_write => {
+                    match ev {
+                        IoEvent::Read(r) => self.read_done(r),
+                        IoEvent::Writable(Err(_)) => self.client_gone(),
+                        IoEvent::Writable(Ok(())) => self.try_flush(),
+                    }
                 }
                 res = async { match self.inflight.as_mut() { Some(f) => f.await, None => std::future::pending().await } }, if self.inflight.is_some() => {
                     self.inflight = None;
@@ -287,11 +288,8 @@ impl Driver {
         self.conn.session.handle_client(ClientInput::Gone, now());
     }
 
-    fn read(&mut self) {
-        if self.rbuf.capacity() - self.rbuf.len() < 1024 {
-            self.rbuf.reserve(4096);
-        }
-        match self.io.try_read_buf(&mut self.rbuf) {
+    fn read_done(&mut self, r: std::io::Result<usize>) {
+        match r {
             Ok(0) => {
                 self.client_gone();
                 return;

@@ -34,9 +34,30 @@ struct Idle {
     since: Instant,
 }
 
+/// FNV-1a: keys are backend addresses from the configuration (no flooding concern), and this
+/// lookup runs twice per backend request.
+#[derive(Default)]
+struct Fnv(u64);
+
+impl std::hash::Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = if self.0 == 0 { 0xcbf2_9ce4_8422_2325 } else { self.0 };
+        for b in bytes {
+            h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        self.0 = h;
+    }
+}
+
+type IdleMap = HashMap<Box<str>, Vec<Idle>, std::hash::BuildHasherDefault<Fnv>>;
+
 /// Idle keep-alive connections to `http://` backends, by `host:port`.
 pub struct H1Pool {
-    idle: Mutex<HashMap<Box<str>, Vec<Idle>>>,
+    idle: Mutex<IdleMap>,
     idle_timeout: Duration,
     max_idle_per_host: usize,
     reaper: std::sync::Once,
@@ -67,7 +88,7 @@ impl H1Pool {
     /// backend address.
     pub fn new(idle_timeout: Duration, max_idle_per_host: usize) -> Arc<Self> {
         Arc::new(Self {
-            idle: Mutex::new(HashMap::new()),
+            idle: Mutex::new(IdleMap::default()),
             idle_timeout,
             max_idle_per_host,
             reaper: std::sync::Once::new(),
@@ -79,7 +100,7 @@ impl H1Pool {
         self.lock().values().map(Vec::len).sum()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Vec<Idle>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, IdleMap> {
         // A poisoned lock only means a thread panicked while holding it; the map stays valid.
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }

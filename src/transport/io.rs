@@ -23,8 +23,11 @@ use std::io::{self, BufRead, IoSlice, Read, Write};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use std::task::{Context, Poll};
+
 use bytes::BytesMut;
 use rustls::ServerConnection;
+use tokio::io::{AsyncRead, ReadBuf};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
@@ -38,6 +41,34 @@ pub enum ClientIo {
     Plain(TcpStream),
     /// TLS over TCP (`wss://`).
     Tls(Box<TlsIo>),
+}
+
+/// What [`ClientIo::poll_io`] found.
+#[derive(Debug)]
+pub enum IoEvent {
+    /// Bytes appended to the buffer (`Ok(0)`: end of stream).
+    Read(io::Result<usize>),
+    /// The socket can take writes.
+    Writable(io::Result<()>),
+}
+
+/// Bytes read on the stack while the connection's read buffer is empty.
+const IDLE_READ: usize = 2048;
+
+fn poll_read_plain(tcp: &mut TcpStream, cx: &mut Context<'_>, buf: &mut BytesMut) -> Poll<io::Result<usize>> {
+    let tcp = std::pin::Pin::new(tcp);
+    if buf.is_empty() && buf.capacity() < IDLE_READ {
+        let mut tmp = [std::mem::MaybeUninit::<u8>::uninit(); IDLE_READ];
+        let mut rb = ReadBuf::uninit(&mut tmp);
+        std::task::ready!(tcp.poll_read(cx, &mut rb))?;
+        let got = rb.filled();
+        buf.extend_from_slice(got);
+        return Poll::Ready(Ok(got.len()));
+    }
+    if buf.capacity() - buf.len() < 1024 {
+        buf.reserve(READ_RESERVE);
+    }
+    tokio_util::io::poll_read_buf(tcp, cx, buf)
 }
 
 /// A TLS session over its socket (boxed in [`ClientIo::Tls`]: rustls's state is large).
@@ -136,6 +167,42 @@ impl ClientIo {
             }),
             close_timeout,
         }))
+    }
+
+    /// Waits for whichever the driver wants: input (read into `buf` at once) or room to
+    /// write. Reading goes through `poll_read`, which tells tokio the socket is drained after
+    /// a short read, so the next wait costs no `read` system call that would only find
+    /// nothing; while the connection is idle a stack buffer takes the first bytes, so `buf`
+    /// stays unallocated until data arrives.
+    ///
+    /// `IoEvent::Read(Err(WouldBlock))` is a spurious wake-up: poll again.
+    pub fn poll_io(
+        &mut self,
+        cx: &mut Context<'_>,
+        want_read: bool,
+        want_write: bool,
+        buf: &mut BytesMut,
+    ) -> Poll<IoEvent> {
+        match self {
+            Self::Plain(tcp) => {
+                if want_write && let Poll::Ready(r) = tcp.poll_write_ready(cx) {
+                    return Poll::Ready(IoEvent::Writable(r));
+                }
+                if want_read {
+                    return poll_read_plain(tcp, cx, buf).map(IoEvent::Read);
+                }
+                Poll::Pending
+            }
+            Self::Tls(t) => {
+                if want_write && let Poll::Ready(r) = t.poll_writable(cx) {
+                    return Poll::Ready(IoEvent::Writable(r));
+                }
+                if want_read && (t.has_input() || t.tcp.poll_read_ready(cx).is_ready()) {
+                    return Poll::Ready(IoEvent::Read(t.try_read_buf(buf)));
+                }
+                Poll::Pending
+            }
+        }
     }
 
     /// True for a TLS connection.
@@ -280,6 +347,30 @@ impl TlsIo {
             conn.process_new_packets()
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         }
+    }
+
+    /// [`Self::writable`] as a poll: writes queued records as the socket takes them.
+    fn poll_writable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            {
+                let st = self.lock();
+                if st.write_failed {
+                    return Poll::Ready(Err(write_failed_error()));
+                }
+                if !st.conn.wants_write() {
+                    break;
+                }
+            }
+            if let Err(e) = std::task::ready!(self.tcp.poll_write_ready(cx)) {
+                return Poll::Ready(Err(e));
+            }
+            match flush_records(&self.tcp, &mut self.lock()) {
+                Ok(()) => return Poll::Ready(Ok(())),
+                Err(e) if would_block(&e) => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        self.tcp.poll_write_ready(cx)
     }
 
     async fn writable(&self) -> io::Result<()> {
