@@ -19,7 +19,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
-use tokio::sync::Notify;
 
 use crate::protocol::frame::Message;
 use crate::protocol::publish::{Filter, filters_allow};
@@ -63,11 +62,14 @@ struct MailboxInner {
     closed: bool,
 }
 
-/// A bounded queue of deliveries to one connection, woken with a [`Notify`].
+/// A bounded queue of deliveries to one connection; a push wakes the connection's task.
 #[derive(Debug)]
 pub struct Mailbox {
     inner: Mutex<MailboxInner>,
-    notify: Notify,
+    /// The connection task's waker and a pending flag: a push wakes the task at most once
+    /// and is never lost (polling is cheap, no waiter list to join and leave).
+    waker: futures_util::task::AtomicWaker,
+    pending: std::sync::atomic::AtomicBool,
     limit: usize,
 }
 
@@ -81,7 +83,8 @@ impl Mailbox {
     pub fn new(limit: usize) -> Self {
         Self {
             inner: Mutex::new(MailboxInner::default()),
-            notify: Notify::new(),
+            waker: futures_util::task::AtomicWaker::new(),
+            pending: std::sync::atomic::AtomicBool::new(false),
             limit,
         }
     }
@@ -100,19 +103,43 @@ impl Mailbox {
         if g.bytes + cost > self.limit && !g.queue.is_empty() {
             g.overflowed = true;
             drop(g);
-            self.notify.notify_one();
+            self.signal();
             return PushOutcome::Overflow;
         }
         g.bytes += cost;
         g.queue.push_back(d);
         drop(g);
-        self.notify.notify_one();
+        self.signal();
         PushOutcome::Queued
     }
 
-    /// Waits until something was pushed (cancel-safe: a notification is kept until awaited).
+    /// Wakes the connection's task without a delivery (it then re-checks its state, e.g.
+    /// shutdown).
+    pub fn wake(&self) {
+        self.signal();
+    }
+
+    fn signal(&self) {
+        self.pending.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    /// Ready once something was pushed since the last time it was ready (the signal is kept
+    /// until polled, so waiting is cancel-safe).
+    pub fn poll_ready(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        if self.pending.swap(false, Ordering::AcqRel) {
+            return std::task::Poll::Ready(());
+        }
+        self.waker.register(cx.waker());
+        if self.pending.swap(false, Ordering::AcqRel) {
+            return std::task::Poll::Ready(());
+        }
+        std::task::Poll::Pending
+    }
+
+    /// Waits until something was pushed (see [`Self::poll_ready`]).
     pub async fn notified(&self) {
-        self.notify.notified().await;
+        std::future::poll_fn(|cx| self.poll_ready(cx)).await;
     }
 
     /// Takes everything queued. The flag is true once the mailbox overflowed.
@@ -243,6 +270,16 @@ impl Registry {
         });
         lock(&self.conns[shard_of(&id)]).insert(id, handle.clone());
         handle
+    }
+
+    /// Wakes every connection's task (see [`Mailbox::wake`]): used when the gateway starts
+    /// closing connections.
+    pub fn wake_all(&self) {
+        for shard in &self.conns {
+            for h in lock(shard).values() {
+                h.mailbox.wake();
+            }
+        }
     }
 
     /// Removes a connection and all its subscriptions; returns the channels left without

@@ -294,10 +294,12 @@ async fn connection_task(
     // exchange and the upgrade, a large future) ends here and frees its memory, so an idle
     // connection costs only the small driver task.
     let tracker = gw.tracker.clone();
+    let route = conn.handle.route.clone();
+    // Made outside the task's future so that future does not also carry the connection.
+    let driver = client::run(stream, leftover, conn);
     tracker.spawn(async move {
         let _slots = slots;
-        let route = conn.handle.route.clone();
-        let summary = client::run(stream, leftover, conn).await;
+        let summary = driver.await;
         gw.stats
             .client_messages
             .fetch_add(summary.client_messages, Ordering::Relaxed);

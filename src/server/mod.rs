@@ -176,6 +176,8 @@ impl Gateway {
             }
         }
         self.close_connections.cancel();
+        // Open connections notice the cancellation when their task runs next: wake them all.
+        self.registry.wake_all();
         self.tracker.close();
         if tokio::time::timeout_at(hard, self.tracker.wait()).await.is_err() {
             tracing::warn!(

@@ -6,7 +6,9 @@
 //! buffer; the write buffer exists only while output is pending. Both are fields of
 //! [`Driver`], never future locals, so every `select!` arm is cancel-safe.
 
+use std::future::Future;
 use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -182,7 +184,7 @@ struct Driver {
     inflight: Option<BoxFuture<'static, Result<BackendResponse, BackendError>>>,
     sleep: Option<Pin<Box<Sleep>>>,
     shutdown_seen: bool,
-    shutdown_at: Option<TokioInstant>,
+    shutdown_at: Option<Pin<Box<Sleep>>>,
     summary: Summary,
     deliveries: Vec<Delivery>,
     /// [`Session::info_version`] last published to the registry.
@@ -191,7 +193,11 @@ struct Driver {
 
 /// Runs an upgraded connection to its end. `leftover` holds bytes the HTTP layer read past
 /// the handshake.
-pub async fn run(io: ClientIo, leftover: Bytes, conn: Connection) -> Summary {
+///
+/// The driver is built here, on the heap, before the future exists: the returned future
+/// holds one pointer while the connection runs, and the memory of an idle connection is
+/// the driver's fields, not an async state machine's.
+pub fn run(io: ClientIo, leftover: Bytes, conn: Connection) -> impl Future<Output = Summary> + Send {
     let decoder = FrameDecoder::new(conn.max_message_bytes);
     // `leftover` is a slice of hyper's read buffer: copy what it holds and release it now, or
     // the whole buffer would stay alive as long as the connection (a parameter of an async fn
@@ -221,64 +227,99 @@ pub async fn run(io: ClientIo, leftover: Bytes, conn: Connection) -> Summary {
         // Not a version the session has: the first pass publishes.
         synced_info: u64::MAX,
     });
-    d.run().await;
-    d.finish().await
+    async move {
+        if !d.rbuf.is_empty() {
+            d.decode_input();
+        }
+        std::future::poll_fn(|cx| d.poll_run(cx)).await;
+        // Boxed: only a closing connection carries the larger closing state.
+        Box::pin(d.finish()).await
+    }
 }
 
 impl Driver {
-    async fn run(&mut self) {
-        if !self.rbuf.is_empty() {
-            self.decode_input();
-        }
+    /// One pass over everything that can wake the connection: the socket, the backend
+    /// exchange, the session's timer, deliveries and shutdown. Every source is polled each
+    /// pass (so none starves another) and passes repeat while any made progress. `Ready`
+    /// once the connection is over.
+    fn poll_run(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         loop {
             self.apply_actions();
             self.try_flush();
             // Flushing may have let the session start a request.
             self.apply_actions();
             if self.done {
-                return;
+                return Poll::Ready(());
             }
             self.update_sleep();
             let want_read = self.reading && !self.close_after_flush && self.conn.session.wants_client_input();
             let want_write = !self.wbuf.is_empty() || self.io.wants_write();
             let open = self.conn.session.is_open();
-            tokio::select! {
-                ev = std::future::poll_fn(|cx| self.io.poll_io(cx, want_read, want_write, &mut self.rbuf)), if want_read || want_write => {
+            let mut progressed = false;
+            let mut waiting = false;
+            if want_read || want_write {
+                waiting = true;
+                if let Poll::Ready(ev) = self.io.poll_io(cx, want_read, want_write, &mut self.rbuf) {
+                    progressed = true;
                     match ev {
                         IoEvent::Read(r) => self.read_done(r),
                         IoEvent::Writable(Err(_)) => self.client_gone(),
                         IoEvent::Writable(Ok(())) => self.try_flush(),
                     }
                 }
-                res = async { match self.inflight.as_mut() { Some(f) => f.await, None => std::future::pending().await } }, if self.inflight.is_some() => {
+            }
+            if let Some(f) = self.inflight.as_mut() {
+                waiting = true;
+                if let Poll::Ready(res) = f.as_mut().poll(cx) {
+                    progressed = true;
                     self.inflight = None;
                     self.conn.session.handle_backend(res, now());
                 }
-                () = async { match self.sleep.as_mut() { Some(s) => s.await, None => std::future::pending().await } }, if self.sleep.is_some() => {
+            }
+            if let Some(s) = self.sleep.as_mut() {
+                waiting = true;
+                if s.as_mut().poll(cx).is_ready() {
+                    progressed = true;
                     self.sleep = None;
                     self.conn.session.handle_timeout(now());
                 }
-                () = self.conn.handle.mailbox.notified(), if open => {
-                    self.take_deliveries();
+            }
+            // The mailbox also carries the wake-up for shutdown (`Registry::wake_all`).
+            if open || !self.shutdown_seen {
+                waiting = true;
+                if self.conn.handle.mailbox.poll_ready(cx).is_ready() {
+                    progressed = true;
+                    if open {
+                        self.take_deliveries();
+                    }
                 }
-                () = self.conn.shutdown.cancelled(), if !self.shutdown_seen => {
-                    self.shutdown_seen = true;
-                    // Spread closes over the pacing window so clients don't reconnect at once.
-                    let window = self.conn.close_pacing.as_millis() as u64;
-                    let jitter = if window == 0 { 0 } else { pacing_hash(&self.conn.handle.id) % window };
-                    self.shutdown_at = Some(TokioInstant::now() + Duration::from_millis(jitter));
-                }
-                () = async { match self.shutdown_at { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } }, if self.shutdown_at.is_some() => {
+            }
+            if !self.shutdown_seen && self.conn.shutdown.is_cancelled() {
+                progressed = true;
+                self.shutdown_seen = true;
+                // Spread closes over the pacing window so clients don't reconnect at once.
+                let window = self.conn.close_pacing.as_millis() as u64;
+                let jitter = if window == 0 { 0 } else { pacing_hash(&self.conn.handle.id) % window };
+                self.shutdown_at = Some(Box::pin(tokio::time::sleep(Duration::from_millis(jitter))));
+            }
+            if let Some(s) = self.shutdown_at.as_mut() {
+                waiting = true;
+                if s.as_mut().poll(cx).is_ready() {
+                    progressed = true;
                     self.shutdown_at = None;
                     self.conn.session.handle_shutdown(now());
                 }
-                else => {
-                    // Nothing can make progress (no socket interest, request, timer or
-                    // delivery): the connection is over.
-                    tracing::debug!(conn_id = %self.conn.handle.id, "connection idle with nothing pending; ending");
-                    return;
-                }
             }
+            if progressed {
+                continue;
+            }
+            if !waiting {
+                // Nothing can make progress (no socket interest, request, timer or
+                // delivery): the connection is over.
+                tracing::debug!(conn_id = %self.conn.handle.id, "connection idle with nothing pending; ending");
+                return Poll::Ready(());
+            }
+            return Poll::Pending;
         }
     }
 

@@ -296,6 +296,7 @@ impl Drop for TestGateway {
         self.stop.cancel();
         self.admin_stop.cancel();
         self.gw.close_connections.cancel();
+        self.gw.registry.wake_all();
     }
 }
 
