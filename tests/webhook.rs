@@ -991,3 +991,139 @@ fn injected_command_lines_match_the_gateway_cli() {
         }
     }
 }
+
+/// Every admission decision is counted under its `decision` and `reason` labels
+/// (`wsgate_webhook_admissions_total`), as the controller's `/metrics` exports them: a known
+/// mix of reviews over HTTPS, then the exact value of every series.
+#[tokio::test]
+async fn admission_decisions_are_counted_by_decision_and_reason() {
+    use wsgate::controller::ControllerMetrics;
+    use wsgate::controller::metrics::Admission;
+    use wsgate::metrics::{Exposition, Format};
+
+    let bundle = CertBundle::generate(&names(), SystemTime::now(), DAY).expect("cert");
+    let store = Arc::new(CertStore::new());
+    store.install(&bundle).expect("install");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let cancel = CancellationToken::new();
+    let controller_metrics = Arc::new(ControllerMetrics::default());
+    let injector = Arc::new(Injector::with_metrics(
+        inject_config(),
+        controller_metrics.admissions.clone(),
+    ));
+    let task = tokio::spawn(server::serve(
+        listener,
+        certs::server_config(store).expect("tls config"),
+        injector,
+        cancel.clone(),
+    ));
+    let send = |body: Vec<u8>| https(addr, &bundle.ca_pem, Proto::Http1, Method::POST, "/inject", body);
+    let allowed = |body: &Bytes| -> bool {
+        let review: Value = serde_json::from_slice(body).expect("review json");
+        review["response"]["allowed"].as_bool().expect("allowed")
+    };
+
+    // Injected: twice native (the default), once as a regular container.
+    for uid in ["n1", "n2"] {
+        let (status, body) = send(admission_review(uid, "chat", &pod(json!({}))))
+            .await
+            .expect("request");
+        assert_eq!(status, StatusCode::OK);
+        assert!(allowed(&body));
+    }
+    let container = pod(json!({"wsgate.io/sidecar-mode": "container"}));
+    let (_, body) = send(admission_review("c1", "chat", &container)).await.expect("request");
+    assert!(allowed(&body));
+    // Skipped: two excluded namespaces, one opted-out pod, one already injected, one UPDATE.
+    for (uid, ns) in [("x1", "kube-system"), ("x2", NS)] {
+        let (_, body) = send(admission_review(uid, ns, &pod(json!({})))).await.expect("request");
+        assert!(allowed(&body));
+    }
+    let mut opted_out = pod(json!({}));
+    opted_out["metadata"]["labels"]["wsgate.io/inject"] = json!("disabled");
+    let (_, body) = send(admission_review("o1", "chat", &opted_out)).await.expect("request");
+    assert!(allowed(&body));
+    let mut injected = pod(json!({}));
+    injected["spec"]["containers"]
+        .as_array_mut()
+        .expect("containers")
+        .push(json!({"name": "wsgate-gateway", "image": "wsgate:test"}));
+    let (_, body) = send(admission_review("a1", "chat", &injected)).await.expect("request");
+    assert!(allowed(&body));
+    let mut update: Value = serde_json::from_slice(&admission_review("u1", "chat", &pod(json!({})))).expect("json");
+    update["request"]["operation"] = json!("UPDATE");
+    let (_, body) = send(serde_json::to_vec(&update).expect("json")).await.expect("request");
+    assert!(allowed(&body));
+    // Denied: a bad annotation; a port the sidecar needs is taken by the app.
+    let (_, body) = send(admission_review("d1", "chat", &pod(json!({"wsgate.io/cpu": "a lot"}))))
+        .await
+        .expect("request");
+    assert!(!allowed(&body));
+    let mut clash = pod(json!({}));
+    clash["spec"]["containers"][0]["ports"] = json!([{"containerPort": 8880}]);
+    let (_, body) = send(admission_review("d2", "chat", &clash)).await.expect("request");
+    assert!(!allowed(&body));
+    // Error: not an AdmissionReview.
+    let (status, _) = send(b"{\"kind\":".to_vec()).await.expect("request");
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    let admissions = &controller_metrics.admissions;
+    let expected = [
+        (Admission::InjectedNative, 2),
+        (Admission::InjectedContainer, 1),
+        (Admission::SkippedNotAPodCreate, 1),
+        (Admission::SkippedExcludedNamespace, 2),
+        (Admission::SkippedOptedOut, 1),
+        (Admission::SkippedAlreadyInjected, 1),
+        (Admission::SkippedHostNetwork, 0),
+        (Admission::DeniedNoSpec, 0),
+        (Admission::DeniedInvalidAnnotations, 1),
+        (Admission::DeniedInvalidPod, 1),
+        (Admission::ErrorBadReview, 1),
+        (Admission::ErrorUnreadablePod, 0),
+        (Admission::ErrorPatchEncoding, 0),
+    ];
+    for (admission, count) in expected {
+        assert_eq!(admissions.get(admission), count, "{admission:?}");
+    }
+    let mut exposition = Exposition::new(Format::Prometheus);
+    admissions.encode(&mut exposition);
+    let text = exposition.finish();
+    let samples: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+    assert_eq!(
+        samples,
+        [
+            r#"wsgate_webhook_admissions_total{decision="injected",reason="native"} 2"#,
+            r#"wsgate_webhook_admissions_total{decision="injected",reason="container"} 1"#,
+            r#"wsgate_webhook_admissions_total{decision="skipped",reason="not_a_pod_create"} 1"#,
+            r#"wsgate_webhook_admissions_total{decision="skipped",reason="excluded_namespace"} 2"#,
+            r#"wsgate_webhook_admissions_total{decision="skipped",reason="opted_out"} 1"#,
+            r#"wsgate_webhook_admissions_total{decision="skipped",reason="already_injected"} 1"#,
+            r#"wsgate_webhook_admissions_total{decision="skipped",reason="host_network"} 0"#,
+            r#"wsgate_webhook_admissions_total{decision="denied",reason="no_spec"} 0"#,
+            r#"wsgate_webhook_admissions_total{decision="denied",reason="invalid_annotations"} 1"#,
+            r#"wsgate_webhook_admissions_total{decision="denied",reason="invalid_pod"} 1"#,
+            r#"wsgate_webhook_admissions_total{decision="error",reason="bad_review"} 1"#,
+            r#"wsgate_webhook_admissions_total{decision="error",reason="unreadable_pod"} 0"#,
+            r#"wsgate_webhook_admissions_total{decision="error",reason="patch_encoding"} 0"#,
+        ]
+    );
+    assert!(
+        text.contains("# TYPE wsgate_webhook_admissions_total counter\n"),
+        "{text}"
+    );
+    // Both formats the controller's /metrics negotiates parse.
+    openmetrics_parser::prometheus::parse_prometheus(&text).expect("valid Prometheus text");
+    let mut exposition = Exposition::new(Format::OpenMetrics);
+    admissions.encode(&mut exposition);
+    let open = exposition.finish();
+    let parsed = openmetrics_parser::openmetrics::parse_openmetrics(&open).expect("valid OpenMetrics");
+    assert!(parsed.families.contains_key("wsgate_webhook_admissions"), "{open}");
+
+    cancel.cancel();
+    tokio::time::timeout(DEADLINE, task)
+        .await
+        .expect("server stops")
+        .expect("server task");
+}

@@ -348,6 +348,7 @@ async fn handle(api: &ControlApi, req: Request<Incoming>) -> Response<Full<Bytes
                 &api.metrics.snapshot(),
                 Some(&api.metrics.reconcile_duration),
             );
+            api.metrics.admissions.encode(&mut exposition);
             respond(StatusCode::OK, format.content_type(), exposition.finish())
         }
         (_, SNAPSHOT_PATH | "/healthz" | "/readyz" | "/metrics") => {

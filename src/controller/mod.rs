@@ -422,15 +422,18 @@ pub async fn run(args: ControllerArgs) -> ExitCode {
         None => None,
     };
     let cancel = CancellationToken::new();
+    let plane = ControlPlane::new(client.clone(), config);
+    // The webhook counts its decisions where the control API's /metrics reads them.
+    let admissions = plane.metrics().admissions.clone();
     let webhook_task = webhook_config.zip(webhook_listener).map(|(config, listener)| {
-        tokio::spawn(webhook::run_webhook_on(
+        tokio::spawn(webhook::run_webhook_with_metrics(
             listener,
             config,
-            client.clone(),
+            client,
+            admissions,
             cancel.clone(),
         ))
     });
-    let plane = ControlPlane::new(client, config);
     let run = tokio::spawn(plane.run(listener, cancel.clone()));
     crate::signal::terminated().await;
     tracing::info!("shutdown: releasing the Lease, closing the control API");

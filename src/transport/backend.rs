@@ -120,8 +120,7 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
 }
 
 /// Headers the gateway owns on backend requests: never replayed from the client.
-fn is_gateway_owned(name: &HeaderName) -> bool {
-    let n = name.as_str();
+fn is_gateway_owned(n: &str) -> bool {
     matches!(
         n,
         "content-length"
@@ -135,6 +134,16 @@ fn is_gateway_owned(name: &HeaderName) -> bool {
             | "x-forwarded-host"
     ) || n.starts_with("meta-")
         || n.starts_with("set-meta-")
+}
+
+/// A header name with `_` read as `-`.
+fn dashed(name: &HeaderName) -> std::borrow::Cow<'_, str> {
+    let n = name.as_str();
+    if n.contains('_') {
+        std::borrow::Cow::Owned(n.replace('_', "-"))
+    } else {
+        std::borrow::Cow::Borrowed(n)
+    }
 }
 
 /// Names listed in the client's `Connection` header are hop-by-hop too (RFC 9110 7.6.1).
@@ -201,12 +210,16 @@ impl RequestTemplate {
         let replayed: Vec<(&HeaderName, &HeaderValue)> = client_headers
             .iter()
             .filter(|(name, _)| {
+                // CGI-style servers (WSGI, PHP, Rack) read `Meta_User` as `Meta-User`: the
+                // reserved names are matched with `_` taken as `-`.
+                let dashed = dashed(name);
+                let n: &str = &dashed;
                 !(is_hop_by_hop(name)
                     || listed.contains(name)
-                    || (websocket && is_gateway_owned(name))
-                    || (!websocket && (name.as_str().starts_with("meta-") || *name == "grip-sig"))
-                    || *name == header::HOST
-                    || *name == "x-forwarded-for")
+                    || (websocket && is_gateway_owned(n))
+                    || (!websocket && (n.starts_with("meta-") || n.starts_with("set-meta-") || n == "grip-sig"))
+                    || n == "host"
+                    || n == "x-forwarded-for")
             })
             .collect();
         // Header values parsed by hyper are slices of its read buffer: keeping them would keep

@@ -33,7 +33,7 @@
 //! NetworkPolicy, or set the token).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use base64::Engine as _;
 use json_patch::jsonptr::PointerBuf;
@@ -48,6 +48,8 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 use serde_json::{Value, json};
+
+use crate::controller::metrics::{Admission, AdmissionMetrics};
 
 use super::annotations::{
     ANNOTATION_ADMIN_TOKEN_SECRET, ANNOTATION_INJECTED, ANNOTATION_PORT, ANNOTATION_SIDECAR_MODE, INJECT_DISABLED,
@@ -130,22 +132,16 @@ pub enum Outcome {
     Deny(String),
 }
 
-/// Counters of admission decisions.
-#[derive(Debug, Default)]
-pub struct InjectorMetrics {
-    /// Pods patched.
-    pub injected: AtomicU64,
-    /// Requests admitted unchanged.
-    pub skipped: AtomicU64,
-    /// Pods refused.
-    pub denied: AtomicU64,
-    /// Requests that could not be decoded (answered 400) or pods that could not be read.
-    pub errors: AtomicU64,
-}
-
-impl InjectorMetrics {
-    fn inc(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
+impl Skip {
+    /// The metric label of this reason.
+    fn admission(&self) -> Admission {
+        match self {
+            Self::NotAPodCreate => Admission::SkippedNotAPodCreate,
+            Self::ExcludedNamespace(_) => Admission::SkippedExcludedNamespace,
+            Self::OptedOut => Admission::SkippedOptedOut,
+            Self::AlreadyInjected => Admission::SkippedAlreadyInjected,
+            Self::HostNetwork => Admission::SkippedHostNetwork,
+        }
     }
 }
 
@@ -167,7 +163,7 @@ pub enum ReviewError {
 #[derive(Debug)]
 pub struct Injector {
     config: InjectConfig,
-    metrics: InjectorMetrics,
+    metrics: Arc<AdmissionMetrics>,
 }
 
 fn add(tokens: &[&str], value: Value) -> PatchOperation {
@@ -186,12 +182,16 @@ fn pod_display_name(pod: &Pod) -> String {
 }
 
 impl Injector {
-    /// An injector with this configuration.
+    /// An injector with this configuration and its own decision counters.
     pub fn new(config: InjectConfig) -> Self {
-        Self {
-            config,
-            metrics: InjectorMetrics::default(),
-        }
+        Self::with_metrics(config, Arc::default())
+    }
+
+    /// An injector counting its decisions in `metrics` (the controller's
+    /// [`ControllerMetrics::admissions`](crate::controller::ControllerMetrics::admissions), so
+    /// the controller's `/metrics` shows them).
+    pub fn with_metrics(config: InjectConfig, metrics: Arc<AdmissionMetrics>) -> Self {
+        Self { config, metrics }
     }
 
     /// The configuration.
@@ -200,36 +200,51 @@ impl Injector {
     }
 
     /// The decision counters.
-    pub fn metrics(&self) -> &InjectorMetrics {
+    pub fn metrics(&self) -> &Arc<AdmissionMetrics> {
         &self.metrics
     }
 
     /// Decides what to do with `pod`, created in `namespace`.
     pub fn decide(&self, namespace: &str, pod: &Pod) -> Outcome {
+        self.evaluate(namespace, pod).0
+    }
+
+    /// [`Injector::decide`] with the decision's metric label.
+    fn evaluate(&self, namespace: &str, pod: &Pod) -> (Outcome, Admission) {
+        let skip = |reason: Skip| {
+            let admission = reason.admission();
+            (Outcome::Skip(reason), admission)
+        };
         if self.config.excluded_namespaces.contains(namespace) {
-            return Outcome::Skip(Skip::ExcludedNamespace(namespace.to_owned()));
+            return skip(Skip::ExcludedNamespace(namespace.to_owned()));
         }
         let labels = pod.metadata.labels.clone().unwrap_or_default();
         if labels.get(LABEL_INJECT).map(String::as_str) == Some(INJECT_DISABLED) {
-            return Outcome::Skip(Skip::OptedOut);
+            return skip(Skip::OptedOut);
         }
         let Some(spec) = &pod.spec else {
-            return Outcome::Deny("wsgate sidecar injection refused: the pod has no spec".to_owned());
+            return (
+                Outcome::Deny("wsgate sidecar injection refused: the pod has no spec".to_owned()),
+                Admission::DeniedNoSpec,
+            );
         };
         let init = spec.init_containers.as_deref().unwrap_or_default();
         let all_containers = || spec.containers.iter().chain(init.iter());
         if all_containers().any(|c| c.name == CONTAINER_NAME) {
-            return Outcome::Skip(Skip::AlreadyInjected);
+            return skip(Skip::AlreadyInjected);
         }
         if spec.host_network == Some(true) {
-            return Outcome::Skip(Skip::HostNetwork);
+            return skip(Skip::HostNetwork);
         }
         let annotations = pod.metadata.annotations.clone().unwrap_or_default();
         let (options, mut warnings) = match PodOptions::from_annotations(&annotations, &self.config.defaults) {
             Ok(parsed) => parsed,
             Err(errors) => {
                 let list: Vec<String> = errors.iter().map(ToString::to_string).collect();
-                return Outcome::Deny(format!("wsgate sidecar injection refused: {}", list.join("; ")));
+                return (
+                    Outcome::Deny(format!("wsgate sidecar injection refused: {}", list.join("; "))),
+                    Admission::DeniedInvalidAnnotations,
+                );
             }
         };
 
@@ -278,7 +293,10 @@ impl Injector {
             }
         }
         if !problems.is_empty() {
-            return Outcome::Deny(format!("wsgate sidecar injection refused: {}", problems.join("; ")));
+            return (
+                Outcome::Deny(format!("wsgate sidecar injection refused: {}", problems.join("; "))),
+                Admission::DeniedInvalidPod,
+            );
         }
         if options.admin_token_secret.is_none() {
             warnings.push(format!(
@@ -318,11 +336,18 @@ impl Injector {
             (SidecarMode::Native, None) => ops.push(add(&["spec", "initContainers"], Value::Array(vec![container]))),
             (SidecarMode::Container, _) => ops.push(add(&["spec", "containers", "-"], container)),
         }
-        Outcome::Inject {
-            patch: Patch(ops),
-            mode: options.sidecar_mode,
-            warnings,
-        }
+        let admission = match options.sidecar_mode {
+            SidecarMode::Native => Admission::InjectedNative,
+            SidecarMode::Container => Admission::InjectedContainer,
+        };
+        (
+            Outcome::Inject {
+                patch: Patch(ops),
+                mode: options.sidecar_mode,
+                warnings,
+            },
+            admission,
+        )
     }
 
     /// Whether the sidecar fetches its routes from the control API (no `wsgate.io/target-port`).
@@ -508,13 +533,13 @@ impl Injector {
             && req.operation == Operation::Create
             && req.sub_resource.is_none();
         let Some(object) = req.object.as_ref().filter(|_| is_pod_create) else {
-            InjectorMetrics::inc(&self.metrics.skipped);
+            self.metrics.record(Skip::NotAPodCreate.admission());
             return response;
         };
         let pod: Pod = match serde_json::to_value(object).and_then(serde_json::from_value) {
             Ok(pod) => pod,
             Err(e) => {
-                InjectorMetrics::inc(&self.metrics.errors);
+                self.metrics.record(Admission::ErrorUnreadablePod);
                 tracing::error!(uid = %req.uid, error = %e, "cannot read the pod of an admission request");
                 let mut response = response;
                 response.warnings = Some(vec![format!("wsgate: sidecar not injected: cannot read the pod: {e}")]);
@@ -527,9 +552,10 @@ impl Injector {
             .or_else(|| pod.metadata.namespace.clone())
             .unwrap_or_default();
         let name = pod_display_name(&pod);
-        match self.decide(&namespace, &pod) {
+        let (outcome, admission) = self.evaluate(&namespace, &pod);
+        match outcome {
             Outcome::Skip(reason) => {
-                InjectorMetrics::inc(&self.metrics.skipped);
+                self.metrics.record(admission);
                 tracing::debug!(%namespace, pod = %name, ?reason, "not injected");
                 let mut response = response;
                 if reason == Skip::HostNetwork {
@@ -540,7 +566,7 @@ impl Injector {
                 response
             }
             Outcome::Deny(message) => {
-                InjectorMetrics::inc(&self.metrics.denied);
+                self.metrics.record(admission);
                 tracing::info!(%namespace, pod = %name, %message, "injection refused");
                 let mut response = response.deny(message);
                 response.result.code = 400;
@@ -549,7 +575,7 @@ impl Injector {
             }
             Outcome::Inject { patch, mode, warnings } => match response.clone().with_patch(patch) {
                 Ok(mut patched) => {
-                    InjectorMetrics::inc(&self.metrics.injected);
+                    self.metrics.record(admission);
                     tracing::info!(%namespace, pod = %name, %mode, "sidecar injected");
                     if !warnings.is_empty() {
                         patched.warnings = Some(warnings);
@@ -557,7 +583,7 @@ impl Injector {
                     patched
                 }
                 Err(e) => {
-                    InjectorMetrics::inc(&self.metrics.errors);
+                    self.metrics.record(Admission::ErrorPatchEncoding);
                     tracing::error!(%namespace, pod = %name, error = %e, "cannot encode the patch");
                     response
                 }
@@ -572,11 +598,11 @@ impl Injector {
     /// The body is not an `AdmissionReview` with a request (the server answers 400).
     pub fn handle(&self, body: &[u8]) -> Result<Vec<u8>, ReviewError> {
         let review: AdmissionReview<DynamicObject> = serde_json::from_slice(body).map_err(|e| {
-            InjectorMetrics::inc(&self.metrics.errors);
+            self.metrics.record(Admission::ErrorBadReview);
             ReviewError::Decode(e)
         })?;
         let request: AdmissionRequest<DynamicObject> = review.try_into().map_err(|_| {
-            InjectorMetrics::inc(&self.metrics.errors);
+            self.metrics.record(Admission::ErrorBadReview);
             ReviewError::NoRequest
         })?;
         let response = self.admit(&request);

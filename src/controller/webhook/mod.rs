@@ -417,8 +417,25 @@ pub async fn run_webhook(
 /// The TLS configuration cannot be built.
 pub async fn run_webhook_on(
     listener: TcpListener,
+    config: WebhookConfig,
+    client: kube::Client,
+    cancel: CancellationToken,
+) -> Result<(), WebhookError> {
+    run_webhook_with_metrics(listener, config, client, Arc::default(), cancel).await
+}
+
+/// [`run_webhook_on`] counting the admission decisions in `admissions`: pass the controller's
+/// [`ControllerMetrics::admissions`](crate::controller::ControllerMetrics::admissions) so its
+/// `/metrics` exports `wsgate_webhook_admissions_total`.
+///
+/// # Errors
+///
+/// The TLS configuration cannot be built.
+pub async fn run_webhook_with_metrics(
+    listener: TcpListener,
     mut config: WebhookConfig,
     client: kube::Client,
+    admissions: Arc<crate::controller::metrics::AdmissionMetrics>,
     cancel: CancellationToken,
 ) -> Result<(), WebhookError> {
     let minor = server_minor(&client).await;
@@ -433,7 +450,7 @@ pub async fn run_webhook_on(
     }
     let store = Arc::new(CertStore::new());
     let tls = certs::server_config(store.clone())?;
-    let injector = Arc::new(Injector::new(config.inject.clone()));
+    let injector = Arc::new(Injector::with_metrics(config.inject.clone(), admissions));
     tracing::info!(
         listen = %listener.local_addr().map_or(config.listen, |a| a),
         sidecar_mode = %mode,

@@ -394,7 +394,7 @@ fn reviews_round_trip_with_a_base64_json_patch() {
             .expect("warning")
             .contains("unauthenticated")
     );
-    assert_eq!(injector.metrics().injected.load(Ordering::Relaxed), 1);
+    assert_eq!(injector.metrics().get(Admission::InjectedNative), 1);
 
     // Other operations pass unchanged.
     let out: Value =
@@ -414,11 +414,13 @@ fn reviews_round_trip_with_a_base64_json_patch() {
             .expect("message")
             .starts_with("wsgate sidecar injection refused: wsgate.io/sidecar-mode")
     );
-    assert_eq!(injector.metrics().denied.load(Ordering::Relaxed), 1);
+    assert_eq!(injector.metrics().get(Admission::DeniedInvalidAnnotations), 1);
+    assert_eq!(injector.metrics().get(Admission::SkippedNotAPodCreate), 1);
 
     assert!(matches!(
         injector.handle(b"{}"),
         Err(ReviewError::Decode(_)) | Err(ReviewError::NoRequest)
     ));
     assert!(matches!(injector.handle(b"not json"), Err(ReviewError::Decode(_))));
+    assert_eq!(injector.metrics().get(Admission::ErrorBadReview), 2);
 }
