@@ -861,6 +861,17 @@ impl Session {
         self.finish();
     }
 
+    /// Frees the queues' spare capacity when they are empty: an idle connection keeps no
+    /// buffers (call before the connection waits).
+    pub fn release_idle_memory(&mut self) {
+        if self.actions.is_empty() && self.actions.capacity() > 0 {
+            self.actions = VecDeque::new();
+        }
+        if self.queue.is_empty() && self.queue.capacity() > 0 {
+            self.queue = VecDeque::new();
+        }
+    }
+
     /// A number that changes whenever the connection's metadata changes (`Set-Meta-*`
     /// headers, GRIP `set-meta`); subscriptions are reported by actions.
     pub fn info_version(&self) -> u64 {

@@ -189,8 +189,6 @@ pub struct RequestTemplate {
     /// Matched route prefix and the client's path and query, to rebuild the URI on rebind.
     prefix: String,
     path_and_query: String,
-    /// [`Self::headers`] serialized for HTTP/1.1, made on first use after each (re)bind.
-    head_block: std::sync::OnceLock<Bytes>,
 }
 
 impl RequestTemplate {
@@ -257,7 +255,6 @@ impl RequestTemplate {
             websocket,
             prefix: prefix.to_owned(),
             path_and_query: path_and_query.to_owned(),
-            head_block: std::sync::OnceLock::new(),
         })
     }
 
@@ -268,7 +265,6 @@ impl RequestTemplate {
             Ok(uri) => {
                 self.uri = uri;
                 self.route = route;
-                self.head_block = std::sync::OnceLock::new();
                 true
             }
             Err(_) => false,
@@ -322,30 +318,89 @@ impl RequestTemplate {
         headers
     }
 
+    /// [`Self::headers`] of a WebSocket request written straight as HTTP/1.1 header lines (no
+    /// header map; nothing kept between requests). Client headers that collide with the ones
+    /// written here were dropped when the template was made.
+    fn write_headers(&self, out: &mut bytes::BytesMut) {
+        let rules = &self.route.headers;
+        let removed = |name: &HeaderName| !rules.remove.is_empty() && rules.remove.contains(name);
+        let put = |out: &mut bytes::BytesMut, name: &HeaderName, value: &[u8]| {
+            if !removed(name) {
+                put_header(out, name.as_str(), value);
+            }
+        };
+        for (name, value) in &self.client {
+            if rules.replays(name) && *name != header::CONTENT_LENGTH && *name != header::TRANSFER_ENCODING {
+                put(out, name, value.as_bytes());
+            }
+        }
+        match self.route.backend.host_override.as_ref().or(self.host.as_ref()) {
+            Some(h) if !removed(&header::HOST) => put_header(out, "host", h.as_bytes()),
+            _ => {
+                if let Some(a) = self.uri.authority() {
+                    put_header(out, "host", a.as_str().as_bytes());
+                }
+            }
+        }
+        let xff = HeaderName::from_static("x-forwarded-for");
+        if !removed(&xff) {
+            match (rules.forwarded_for, &self.prior_xff) {
+                (ForwardedFor::Append, Some(p)) => {
+                    out.extend_from_slice(b"x-forwarded-for: ");
+                    out.extend_from_slice(p.as_bytes());
+                    out.extend_from_slice(b", ");
+                    out.extend_from_slice(self.peer_ip.as_bytes());
+                    out.extend_from_slice(b"\r\n");
+                }
+                (ForwardedFor::Append | ForwardedFor::Replace, _) => {
+                    put_header(out, "x-forwarded-for", self.peer_ip.as_bytes());
+                }
+                (ForwardedFor::Drop, _) => {}
+            }
+        }
+        put(
+            out,
+            &HeaderName::from_static("x-forwarded-proto"),
+            if self.tls { b"https" } else { b"http" },
+        );
+        if let Some(h) = &self.host {
+            put(out, &HeaderName::from_static("x-forwarded-host"), h.as_bytes());
+        }
+        if self.websocket {
+            put(out, &header::CONTENT_TYPE, EVENTS_MEDIA_TYPE.as_bytes());
+            put(out, &header::ACCEPT, EVENTS_MEDIA_TYPE.as_bytes());
+            if let Some(id) = &self.connection_id {
+                put(out, &HeaderName::from_static("connection-id"), id.as_bytes());
+            }
+        }
+        for (name, value) in &rules.add {
+            if *name != header::CONTENT_LENGTH && *name != header::TRANSFER_ENCODING {
+                put_header(out, name.as_str(), value.as_bytes());
+            }
+        }
+    }
+
     /// The complete HTTP/1.1 head of the `POST` for one session request (for the in-task
-    /// client): the cached header block of [`Self::headers`] plus the request's own headers.
-    /// With a recording span the block is rebuilt to carry its `traceparent`.
+    /// client): [`Self::headers`] plus the request's own headers. With a recording span the
+    /// headers go through a header map to carry its `traceparent`.
     pub fn http1_head(
         &self,
         req: &BackendRequest,
         now_unix: u64,
         span: &crate::telemetry::RequestSpan,
     ) -> bytes::BytesMut {
-        let rebuilt;
-        let block = if span.is_recording() {
-            let mut h = self.headers();
-            span.inject(&mut h);
-            rebuilt = serialize_headers(&h, &self.uri);
-            &rebuilt
-        } else {
-            self.head_block.get_or_init(|| serialize_headers(&self.headers(), &self.uri))
-        };
         let path = self.uri.path_and_query().map_or("/", |p| p.as_str());
-        let mut out = bytes::BytesMut::with_capacity(block.len() + path.len() + 160 + req.body.len().min(16 * 1024));
+        let mut out = bytes::BytesMut::with_capacity(640 + path.len() + req.body.len().min(16 * 1024));
         out.extend_from_slice(b"POST ");
         out.extend_from_slice(path.as_bytes());
         out.extend_from_slice(b" HTTP/1.1\r\n");
-        out.extend_from_slice(block);
+        if span.is_recording() {
+            let mut h = self.headers();
+            span.inject(&mut h);
+            serialize_headers(&h, &self.uri, &mut out);
+        } else {
+            self.write_headers(&mut out);
+        }
         for (name, value) in req.meta.iter() {
             put_header(&mut out, name.as_str(), value.as_bytes());
         }
@@ -391,21 +446,19 @@ impl RequestTemplate {
 }
 
 /// `headers` as HTTP/1.1 header lines, with a `host` from `uri` when there is none, and
-/// without the headers the in-task client writes per request.
-fn serialize_headers(headers: &HeaderMap, uri: &Uri) -> Bytes {
-    let mut out = bytes::BytesMut::with_capacity(512);
+/// without the framing headers the in-task client writes itself.
+fn serialize_headers(headers: &HeaderMap, uri: &Uri, out: &mut bytes::BytesMut) {
     if !headers.contains_key(header::HOST)
         && let Some(a) = uri.authority()
     {
-        put_header(&mut out, "host", a.as_str().as_bytes());
+        put_header(out, "host", a.as_str().as_bytes());
     }
     for (name, value) in headers {
         if *name == header::CONTENT_LENGTH || *name == header::TRANSFER_ENCODING {
             continue;
         }
-        put_header(&mut out, name.as_str(), value.as_bytes());
+        put_header(out, name.as_str(), value.as_bytes());
     }
-    out.freeze()
 }
 
 fn put_header(out: &mut bytes::BytesMut, name: &str, value: &[u8]) {
@@ -511,4 +564,100 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         src = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(headers_yaml: &str, host_override: &str) -> Arc<Route> {
+        let yaml = format!(
+            "routes:\n  - name: r\n    backend: {{url: http://127.0.0.1:9/base{host_override}}}\n    headers: {headers_yaml}\n"
+        );
+        let mut routes = crate::config::parse_routes_yaml(&yaml).expect("valid routes");
+        Arc::new(routes.remove(0))
+    }
+
+    fn client_headers() -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("host", "chat.example.com"),
+            ("cookie", "a=1"),
+            ("authorization", "Bearer x"),
+            ("x-custom", "one"),
+            ("x-custom", "two"),
+            ("x-forwarded-for", "10.0.0.1"),
+            ("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+            ("content-length", "5"),
+            ("meta-user", "forged"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ] {
+            h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    /// Header lines of an HTTP/1.1 head, sorted (order across names is not significant).
+    fn lines(head: &[u8]) -> Vec<String> {
+        let text = std::str::from_utf8(head).expect("ascii head");
+        let mut v: Vec<String> = text
+            .split("\r\n")
+            .skip(1)
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The in-task client's head carries exactly the headers the hyper path sends.
+    #[test]
+    fn http1_head_matches_the_header_map_path() {
+        let cases = [
+            ("{}", ""),
+            ("{replayDeny: [Authorization], add: [{name: X-Env, value: prod}], remove: [Cookie, X-Forwarded-Proto], forwardedFor: append}", ""),
+            ("{forwardedFor: replace, remove: [Host]}", ", hostOverride: backend.internal"),
+            ("{forwardedFor: drop, replayAllow: [X-Custom]}", ", hostOverride: backend.internal"),
+        ];
+        for (rules, host) in cases {
+            let template = RequestTemplate::new(
+                route(rules, host),
+                "/",
+                "/chat?x=1",
+                &client_headers(),
+                &ClientInfo {
+                    peer: "192.0.2.7:5000".parse().expect("addr"),
+                    tls: true,
+                },
+                Some("c1"),
+                true,
+            )
+            .expect("template");
+            let req = BackendRequest {
+                body: Bytes::from_static(b"TEXT 2\r\nhi\r\n"),
+                meta: Arc::from(vec![(HeaderName::from_static("meta-user"), HeaderValue::from_static("alice"))]),
+                replayed: 3,
+                events: 1,
+                attempt: 0,
+                grip: true,
+            };
+            let span = crate::telemetry::RequestSpan::start(&crate::telemetry::SpanParent::none(), &req);
+            let head = template.http1_head(&req, 1_700_000_000, &span);
+            let built = template.build(&req, 1_700_000_000);
+            let mut want: Vec<String> = built
+                .headers()
+                .iter()
+                .map(|(k, v)| format!("{k}: {}", v.to_str().expect("ascii")))
+                .collect();
+            if !built.headers().contains_key(header::HOST) {
+                want.push("host: 127.0.0.1:9".into());
+            }
+            want.push(format!("content-length: {}", req.body.len()));
+            want.sort();
+            let text = String::from_utf8_lossy(&head).into_owned();
+            assert!(text.starts_with("POST /base/chat?x=1 HTTP/1.1\r\n"), "{text}");
+            assert!(text.ends_with("\r\n\r\n"), "{text}");
+            assert_eq!(lines(&head), want, "rules {rules}");
+        }
+    }
 }

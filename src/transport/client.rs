@@ -313,7 +313,15 @@ impl Driver {
             if progressed {
                 continue;
             }
-            if !waiting {
+            if waiting {
+                // About to sleep: an idle connection keeps no spare capacity.
+                if self.inflight.is_none() {
+                    self.conn.session.release_idle_memory();
+                }
+                if self.deliveries.is_empty() && self.deliveries.capacity() > 0 {
+                    self.deliveries = Vec::new();
+                }
+            } else {
                 // Nothing can make progress (no socket interest, request, timer or
                 // delivery): the connection is over.
                 tracing::debug!(conn_id = %self.conn.handle.id, "connection idle with nothing pending; ending");
