@@ -3,6 +3,7 @@
 
 mod handshake;
 mod proxy;
+mod proxy_h1;
 pub mod tls;
 
 use std::collections::HashMap;

@@ -1,5 +1,7 @@
 //! Plain HTTP pass-through: non-upgrade requests are reverse-proxied to the route's backend
-//! with bodies streamed in both directions.
+//! with bodies streamed in both directions. `http://` backends are served in the client
+//! connection's own task by [`super::proxy_h1`]; `https://` backends (and requests that need
+//! the general client) go through the pooled hyper client.
 
 use std::net::SocketAddr;
 
@@ -33,6 +35,9 @@ pub(super) async fn handle(
         Err(e) => return text_response(StatusCode::BAD_REQUEST, format!("{e}\n")),
     };
     let span = crate::telemetry::proxy_span(&route.name, req.method(), req.uri(), req.headers());
+    if super::proxy_h1::can_forward(&req, &template) {
+        return super::proxy_h1::forward(gw, req, template, &span).await;
+    }
     let (parts, body) = req.into_parts();
     let mut out = Request::new(
         body.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
@@ -58,26 +63,33 @@ pub(super) async fn handle(
     };
     let (mut parts, body) = resp.into_parts();
     crate::telemetry::record_proxy_status(&span, parts.status, None);
-    let listed: Vec<http::HeaderName> = parts
-        .headers
+    strip_hop_by_hop(&mut parts.headers);
+    Response::from_parts(
+        parts,
+        body.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+            .boxed_unsync(),
+    )
+}
+
+/// Removes hop-by-hop headers from a backend response: the fixed set and any header named in
+/// its `Connection` header (RFC 9110 7.6.1).
+pub(super) fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
+    let listed: Vec<http::HeaderName> = headers
         .get_all(http::header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|t| http::HeaderName::from_bytes(t.trim().as_bytes()).ok())
         .collect();
-    let names: Vec<http::HeaderName> = parts
-        .headers
+    if listed.is_empty() && !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
+    let names: Vec<http::HeaderName> = headers
         .keys()
         .filter(|n| is_hop_by_hop(n) || listed.contains(n))
         .cloned()
         .collect();
     for n in names {
-        parts.headers.remove(n);
+        headers.remove(n);
     }
-    Response::from_parts(
-        parts,
-        body.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
-            .boxed_unsync(),
-    )
 }
