@@ -558,6 +558,63 @@ async fn invalid_utf8_text_closes_with_1007() {
     assert_eq!(u16::from_be_bytes([buf[2], buf[3]]), 1007);
 }
 
+/// Protocol violations (RFC 6455 section 5): each closes that client with 1002 and the backend
+/// hears `CLOSE 1002`; the gateway goes on serving others.
+#[tokio::test]
+async fn protocol_violations_close_with_1002() {
+    use tokio::io::AsyncWriteExt;
+    let backend = Backend::echo().await;
+    let gw = TestGateway::start(&backend.url()).await;
+    let mask = [9u8, 9, 9, 9];
+    let masked = |first: u8, payload: &[u8]| {
+        let mut f = vec![first, 0x80 | payload.len() as u8];
+        f.extend_from_slice(&mask);
+        f.extend(payload.iter().map(|b| b ^ 9));
+        f
+    };
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("unmasked client frame", vec![0x81, 0x02, b'h', b'i']),
+        ("reserved bit set", masked(0x81 | 0x40, b"hi")),
+        ("unknown opcode", masked(0x83, b"hi")),
+        ("fragmented ping", masked(0x09, b"x")),
+        ("continuation without a start", masked(0x80, b"hi")),
+        ("close with a reserved code", masked(0x88, &[0x03, 0xec])),
+    ];
+    for (what, frame) in cases {
+        let mut s = tokio::net::TcpStream::connect(gw.addr).await.expect("connect");
+        let req = format!(
+            "GET / HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+            gw.addr
+        );
+        s.write_all(req.as_bytes()).await.expect("write");
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::io::AsyncReadExt::read(&mut s, &mut buf).await.expect("read");
+        assert!(buf[..n].starts_with(b"HTTP/1.1 101"), "{what}: handshake");
+        s.write_all(&frame).await.expect("write");
+        let n = tokio::time::timeout(DEADLINE, tokio::io::AsyncReadExt::read(&mut s, &mut buf))
+            .await
+            .expect("timeout")
+            .expect("read");
+        assert!(n >= 4, "{what}: close frame expected");
+        assert_eq!(buf[0], 0x88, "{what}: close opcode");
+        assert_eq!(u16::from_be_bytes([buf[2], buf[3]]), 1002, "{what}");
+    }
+    let closes = backend
+        .wait_for("six CLOSE 1002 events", |rs| {
+            rs.iter()
+                .flat_map(|r| r.events())
+                .filter(|e| matches!(e, Event::Close(Some(f)) if f.code == 1002))
+                .count()
+                == 6
+        })
+        .await;
+    assert!(!closes.is_empty());
+    // Others are unaffected.
+    let mut c = gw.connect("/").await;
+    c.send_text("still fine").await;
+    c.expect_text("still fine").await;
+}
+
 #[tokio::test]
 async fn client_pings_are_answered_by_the_gateway() {
     let backend = Backend::echo().await;
