@@ -814,11 +814,26 @@ pub fn inject(span: &Span, headers: &mut HeaderMap) {
 }
 
 /// Writes `traceparent` (and `tracestate`, or removes the client's) for `sc`, if valid.
-/// Formatted by hand: this runs once per backend request.
 fn inject_span_context(sc: &SpanContext, headers: &mut HeaderMap) {
     if !sc.is_valid() {
         return;
     }
+    if let Ok(v) = HeaderValue::from_bytes(&traceparent_value(sc)) {
+        headers.insert(TRACEPARENT, v);
+    }
+    let state = sc.trace_state().header();
+    match HeaderValue::from_str(&state) {
+        Ok(v) if !state.is_empty() => {
+            headers.insert(TRACESTATE, v);
+        }
+        _ => {
+            headers.remove(TRACESTATE);
+        }
+    }
+}
+
+/// The W3C `traceparent` value of `sc`. Formatted by hand: this runs once per backend request.
+fn traceparent_value(sc: &SpanContext) -> [u8; 55] {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut buf = [0u8; 55];
     let mut at = 0;
@@ -837,18 +852,7 @@ fn inject_span_context(sc: &SpanContext, headers: &mut HeaderMap) {
     put(&sc.trace_id().to_bytes(), true);
     put(&sc.span_id().to_bytes(), true);
     put(&[sc.trace_flags().to_u8()], false);
-    if let Ok(v) = HeaderValue::from_bytes(&buf) {
-        headers.insert(TRACEPARENT, v);
-    }
-    let state = sc.trace_state().header();
-    match HeaderValue::from_str(&state) {
-        Ok(v) if !state.is_empty() => {
-            headers.insert(TRACESTATE, v);
-        }
-        _ => {
-            headers.remove(TRACESTATE);
-        }
-    }
+    buf
 }
 
 const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
@@ -939,6 +943,25 @@ impl RequestSpan {
     #[inline]
     pub fn is_recording(&self) -> bool {
         self.0.is_some()
+    }
+
+    /// Writes the span's `traceparent` (and `tracestate` when it has one) as HTTP/1.1 header
+    /// lines; nothing for an empty or invalid span.
+    pub fn write_http1(&self, out: &mut bytes::BytesMut) {
+        let Some(span) = &self.0 else { return };
+        let sc = span.span_context();
+        if !sc.is_valid() {
+            return;
+        }
+        out.extend_from_slice(b"traceparent: ");
+        out.extend_from_slice(&traceparent_value(sc));
+        out.extend_from_slice(b"\r\n");
+        let state = sc.trace_state().header();
+        if !state.is_empty() && HeaderValue::from_str(&state).is_ok() {
+            out.extend_from_slice(b"tracestate: ");
+            out.extend_from_slice(state.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
     }
 
     /// Writes the span's `traceparent` into a backend request's headers.

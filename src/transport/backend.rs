@@ -321,7 +321,7 @@ impl RequestTemplate {
     /// [`Self::headers`] of a WebSocket request written straight as HTTP/1.1 header lines (no
     /// header map; nothing kept between requests). Client headers that collide with the ones
     /// written here were dropped when the template was made.
-    fn write_headers(&self, out: &mut bytes::BytesMut) {
+    fn write_headers(&self, out: &mut bytes::BytesMut, skip_trace_context: bool) {
         let rules = &self.route.headers;
         let removed = |name: &HeaderName| !rules.remove.is_empty() && rules.remove.contains(name);
         let put = |out: &mut bytes::BytesMut, name: &HeaderName, value: &[u8]| {
@@ -330,6 +330,9 @@ impl RequestTemplate {
             }
         };
         for (name, value) in &self.client {
+            if skip_trace_context && (name == "traceparent" || name == "tracestate") {
+                continue;
+            }
             if rules.replays(name) && *name != header::CONTENT_LENGTH && *name != header::TRANSFER_ENCODING {
                 put(out, name, value.as_bytes());
             }
@@ -381,8 +384,8 @@ impl RequestTemplate {
     }
 
     /// The complete HTTP/1.1 head of the `POST` for one session request (for the in-task
-    /// client): [`Self::headers`] plus the request's own headers. With a recording span the
-    /// headers go through a header map to carry its `traceparent`.
+    /// client): [`Self::headers`] plus the request's own headers; with a recording span its
+    /// `traceparent` replaces the client's.
     pub fn http1_head(
         &self,
         req: &BackendRequest,
@@ -394,12 +397,11 @@ impl RequestTemplate {
         out.extend_from_slice(b"POST ");
         out.extend_from_slice(path.as_bytes());
         out.extend_from_slice(b" HTTP/1.1\r\n");
-        if span.is_recording() {
-            let mut h = self.headers();
-            span.inject(&mut h);
-            serialize_headers(&h, &self.uri, &mut out);
-        } else {
-            self.write_headers(&mut out);
+        // A traced request carries the span's trace context instead of the client's.
+        let traced = span.is_recording();
+        self.write_headers(&mut out, traced);
+        if traced {
+            span.write_http1(&mut out);
         }
         for (name, value) in req.meta.iter() {
             put_header(&mut out, name.as_str(), value.as_bytes());
@@ -442,22 +444,6 @@ impl RequestTemplate {
         *request.uri_mut() = self.uri.clone();
         *request.headers_mut() = headers;
         request
-    }
-}
-
-/// `headers` as HTTP/1.1 header lines, with a `host` from `uri` when there is none, and
-/// without the framing headers the in-task client writes itself.
-fn serialize_headers(headers: &HeaderMap, uri: &Uri, out: &mut bytes::BytesMut) {
-    if !headers.contains_key(header::HOST)
-        && let Some(a) = uri.authority()
-    {
-        put_header(out, "host", a.as_str().as_bytes());
-    }
-    for (name, value) in headers {
-        if *name == header::CONTENT_LENGTH || *name == header::TRANSFER_ENCODING {
-            continue;
-        }
-        put_header(out, name.as_str(), value.as_bytes());
     }
 }
 
