@@ -62,6 +62,128 @@ def cpu_model():
     return platform.processor() or "unknown"
 
 
+def pct(a, b):
+    """(a / b - 1) as a signed percentage, or "–"."""
+    if a is None or b in (None, 0):
+        return "–"
+    return f"{(a / b - 1) * 100:+.1f} %"
+
+
+def echo_row(first, second, r):
+    """One row of an echo table: rate, latencies, CPU, generator CPU and load."""
+    if r.get("failed") or not r:
+        return f"| {first} | {second} | failed | | | | | | | |"
+    return (f"| {first} | {second} | {num(r.get('msgs_per_s'), 0)} | {num(r.get('p50_ms'), 2)} | "
+            f"{num(r.get('p99_ms'), 2)} | {num(r.get('p999_ms'), 2)} | {num(r.get('cpu_us_per_msg'), 2)} | "
+            f"{num(r.get('cpu_util'), 2)} | {num(r.get('gen_cpu_us_per_msg'), 2)} | {num(r.get('loadavg_before'), 2)} |")
+
+
+def tracing_section(rows, w):
+    """Issue 6: the cost of tracing on the echo ×1 path. Rounds of three fresh gateways (off, on
+    with every span exported, off again); each "on" run is compared with the two "off" runs of its
+    own round, and off2/off is the run-to-run noise band."""
+    import re
+    import statistics
+
+    runs = {}  # (round, mode) -> row
+    for label, r in rows.items():
+        m = re.match(r"^tracing:(off|on|off2)(?:#(\d+))?$", label)
+        if m:
+            runs[(int(m.group(2) or 1), m.group(1))] = r
+    rounds = sorted({k for k, _ in runs})
+    modes = ("off", "on", "off2")
+
+    def val(k, m, key):
+        r = runs.get((k, m))
+        if not r or r.get("failed"):
+            return None
+        return r.get(key)
+
+    w("## Tracing cost (echo ×1, 64 B; OTLP/HTTP protobuf to a local sink)\n")
+    w(f"{len(rounds)} round(s) of three fresh gateways on the same backend, one after another: tracing off (no "
+      "`OTEL_*` variables), on (`OTEL_EXPORTER_OTLP_ENDPOINT` = the sink, `OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf`, "
+      "`OTEL_TRACES_SAMPLER=always_on`), off again. Each \"on\" run is compared with the mean of the two \"off\" "
+      "runs of its round; off2/off is the run-to-run noise band.\n")
+    w("| round | tracing | msgs/s | p50 ms | p99 ms | p99.9 ms | CPU µs/msg | target CPU cores | gen CPU µs/msg | load |")
+    w("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for k in rounds:
+        for m in modes:
+            w(echo_row(k, m, runs.get((k, m), {})))
+
+    def paired(key, num_mode, den):
+        """Per round: value(num_mode) / den(round)."""
+        out = []
+        for k in rounds:
+            a, b = val(k, num_mode, key), den(k, key)
+            if a is not None and b:
+                out.append(a / b)
+        return out
+
+    def off_mean(k, key):
+        v = [x for x in (val(k, "off", key), val(k, "off2", key)) if x is not None]
+        return sum(v) / len(v) if v else None
+
+    def summary(xs):
+        if not xs:
+            return "–"
+        med = statistics.median(xs)
+        if len(xs) == 1:
+            return f"{med:.3f}×"
+        return f"{med:.3f}× ({min(xs):.3f}–{max(xs):.3f})"
+
+    def med(mode_set, key):
+        v = [val(k, m, key) for k in rounds for m in mode_set]
+        v = [x for x in v if x is not None]
+        return statistics.median(v) if v else None
+
+    w("")
+    w("| | msgs/s | CPU µs/msg | p99 ms |")
+    w("|---|---:|---:|---:|")
+    w(f"| off, median of every off and off2 run | {num(med(('off', 'off2'), 'msgs_per_s'), 0)} | "
+      f"{num(med(('off', 'off2'), 'cpu_us_per_msg'), 2)} | {num(med(('off', 'off2'), 'p99_ms'), 2)} |")
+    w(f"| on, median | {num(med(('on',), 'msgs_per_s'), 0)} | {num(med(('on',), 'cpu_us_per_msg'), 2)} | "
+      f"{num(med(('on',), 'p99_ms'), 2)} |")
+    tp_on = paired("msgs_per_s", "on", off_mean)
+    w(f"| on / mean(off, off2) of its round: median (range) | {summary(tp_on)} | "
+      f"{summary(paired('cpu_us_per_msg', 'on', off_mean))} | {summary(paired('p99_ms', 'on', off_mean))} |")
+    noise_tp = paired("msgs_per_s", "off2", lambda k, key: val(k, "off", key))
+    noise_cpu = paired("cpu_us_per_msg", "off2", lambda k, key: val(k, "off", key))
+    w(f"| noise band, off2 / off of a round: median (range) | {summary(noise_tp)} | {summary(noise_cpu)} | "
+      f"{summary(paired('p99_ms', 'off2', lambda k, key: val(k, 'off', key)))} |")
+    w("")
+    sink = rows.get("tracing:sink")
+    if sink:
+        after = sink.get("after") or {}
+        spans = after.get("spans") or 0
+        names = after.get("names") or {}
+        by_name = ", ".join(f"{k} {num(v, 0)}" for k, v in sorted(names.items(), key=lambda kv: -kv[1]))
+        msgs = sum(val(k, "on", "messages") or 0 for k in rounds)
+        per_msg = f"; {spans / msgs:.3f} spans per message echoed with tracing on" if msgs else ""
+        cpu_s = sink.get("sink_cpu_us")
+        cpu_txt = f"; the sink's own CPU {cpu_s / 1e6:.2f} s (not counted as the gateway's)" if cpu_s is not None else ""
+        w(f"The sink received {num(after.get('requests') or 0, 0)} export request(s), "
+          f"{num((after.get('bytes') or 0) / 1024, 0)} KiB, {num(spans, 0)} spans ({by_name or 'none'}){per_msg}"
+          f"{cpu_txt}; the gateways with tracing off sent it {num(sink.get('off_requests') or 0, 0)} request(s).")
+        made = msgs + (names.get("ws.handshake") or 0)  # echoed messages + one OPEN per connection
+        got = names.get("backend.request") or 0
+        if made and got < made:
+            w(f"\n{num(made - got, 0)} backend requests ({(made - got) / made * 100:.2f} %) have no `backend.request` "
+              "span at the sink: the SDK's batch queue (2,048 spans unless `OTEL_BSP_MAX_QUEUE_SIZE` says otherwise) "
+              "drops spans when its export thread falls behind.")
+        if sink.get("failed"):
+            w("\n**FAIL: no spans reached the sink with tracing on, or a gateway with tracing off exported: "
+              "the rows above do not measure what they claim.**")
+        w("")
+    w("| target (issue 6) | measured | result |")
+    w("|---|---:|---|")
+    if tp_on:
+        m = statistics.median(tp_on)
+        w(f"| tracing on (always_on): throughput cost < 10 % | on = {m:.3f}× off (median of {len(tp_on)} round(s)) | "
+          f"{'**pass**' if m >= 0.90 else '**FAIL**'} |")
+    if noise_tp:
+        w(f"| noise band (off2 / off, throughput; CPU/msg) | {summary(noise_tp)}; {summary(noise_cpu)} | n/a |")
+    w("")
+
 class Checks:
     def __init__(self):
         self.rows = []
@@ -108,13 +230,7 @@ def main():
     for k in (1, 16):
         for t in ("wsgate", "direct", "pushpin"):
             lab = f"echo{k}:{t}"
-            r = rows.get(lab, {})
-            if r.get("failed") or not r:
-                w(f"| {k} | {t} | failed | | | | | | | |")
-                continue
-            w(f"| {k} | {t} | {num(r.get('msgs_per_s'), 0)} | {num(r.get('p50_ms'), 2)} | "
-              f"{num(r.get('p99_ms'), 2)} | {num(r.get('p999_ms'), 2)} | {num(r.get('cpu_us_per_msg'), 2)} | "
-              f"{num(r.get('cpu_util'), 2)} | {num(r.get('gen_cpu_us_per_msg'), 2)} | {num(r.get('loadavg_before'), 2)} |")
+            w(echo_row(k, t, rows.get(lab, {})))
     w("")
     w("| in flight | msgs/s wsgate/direct | CPU/msg wsgate/direct | msgs/s wsgate/Pushpin | CPU/msg wsgate/Pushpin |")
     w("|---|---:|---:|---:|---:|")
@@ -131,6 +247,10 @@ def main():
         if cw and cp:
             checks.add(f"echo ×{k}: CPU/msg ≤ 1/20 of Pushpin", f"{cw / cp:.3f}×", cw / cp <= 0.05)
     w("")
+
+    # ---------------------------------------------------------------- tracing
+    if any(l.startswith("tracing:") for l in rows):
+        tracing_section(rows, w)
 
     # ---------------------------------------------------------------- http
     w("## HTTP pass-through (GET, keep-alive, small response)\n")

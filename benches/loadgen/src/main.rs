@@ -7,6 +7,7 @@ mod fanout;
 mod http;
 mod httpc;
 mod idle;
+mod otlp;
 mod servers;
 mod stats;
 mod ws;
@@ -33,6 +34,9 @@ Load:
 Servers (print `ready ADDR`, exit after --max-time seconds):
   echo-server [--listen 127.0.0.1:0] [--max-time 1200]   tokio-tungstenite echo (baseline)
   backend     [--listen 127.0.0.1:0] [--max-time 1200]   WebSocket-over-HTTP backend
+  otlp-sink   [--listen 127.0.0.1:0] [--max-time 1200]   OTLP/HTTP protobuf receiver: answers
+              POST /v1/traces with 200, counts requests, bytes and spans (GET /stats, and
+              printed as JSON on exit)
 Tools:
   free-ports  [--count 1]       print free 127.0.0.1 ports
   usage       --pid PID ...     CPU (µs) and RSS (KiB) of process trees, as JSON
@@ -86,6 +90,7 @@ async fn dispatch(cmd: &str, raw: &[String]) -> Result<()> {
         "http" => http::run(&a).await,
         "echo-server" => servers::echo_server(&a).await,
         "backend" => servers::backend(&a).await,
+        "otlp-sink" => otlp::sink(&a).await,
         "free-ports" => {
             let count: usize = a.get("count", 1)?;
             a.finish()?;

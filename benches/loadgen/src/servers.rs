@@ -29,7 +29,9 @@ use crate::args::Args;
 const EVENTS: &str = "application/websocket-events";
 const MAX_BODY: usize = 2 << 20;
 
-async fn bind(a: &Args) -> Result<(TcpListener, Duration)> {
+/// Binds `--listen` (loopback only) with a deep accept queue and prints `ready ADDR`; returns
+/// the listener and `--max-time`.
+pub(crate) async fn bind(a: &Args) -> Result<(TcpListener, Duration)> {
     let listen: SocketAddr = a.get("listen", "127.0.0.1:0".parse()?)?;
     let max_time = a.secs("max-time", 1200.0)?;
     a.finish()?;
@@ -49,7 +51,7 @@ async fn bind(a: &Args) -> Result<(TcpListener, Duration)> {
 }
 
 /// Accepts until `max_time` has passed, handing each connection to `serve`.
-async fn accept_loop<F, Fut>(listener: TcpListener, max_time: Duration, serve: F) -> Result<()>
+pub(crate) async fn accept_loop<F, Fut>(listener: TcpListener, max_time: Duration, serve: F) -> Result<()>
 where
     F: Fn(tokio::net::TcpStream) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
