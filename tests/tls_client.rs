@@ -401,7 +401,11 @@ async fn plain_http_passes_through_over_tls() {
     let reqs = backend.requests();
     assert_eq!(reqs.len(), 2);
     assert_eq!(reqs[1].uri.path_and_query().map(|p| p.as_str()), Some("/page/1?q=1"));
-    assert_eq!(reqs[1].header("x-forwarded-proto"), Some("https"), "pass-through knows it came over TLS");
+    assert_eq!(
+        reqs[1].header("x-forwarded-proto"),
+        Some("https"),
+        "pass-through knows it came over TLS"
+    );
 }
 
 #[tokio::test]

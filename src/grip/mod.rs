@@ -19,7 +19,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
-
 use crate::protocol::frame::Message;
 use crate::protocol::publish::{Filter, filters_allow};
 

@@ -170,7 +170,8 @@ pub(super) async fn handle(
     let gw2 = gw.clone();
     // The exchange runs in its own task so that a client leaving mid-OPEN still gets its
     // DISCONNECT sent once the OPEN completes.
-    gw.tracker.spawn(connection_task(gw2, conn, tx, on_upgrade, accept_key, id, spans, slots));
+    gw.tracker
+        .spawn(connection_task(gw2, conn, tx, on_upgrade, accept_key, id, spans, slots));
     match rx.await {
         Ok(resp) => resp,
         Err(_) => text_response(StatusCode::BAD_GATEWAY, "handshake failed\n"),

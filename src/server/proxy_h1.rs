@@ -200,28 +200,23 @@ fn request_head(
     out.extend_from_slice(path.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     if !headers.contains_key(header::HOST) {
-        put_header(&mut out, "host", authority.as_str().as_bytes());
+        crate::transport::backend::put_header(&mut out, "host", authority.as_str().as_bytes());
     }
     for (name, value) in headers {
         if *name == header::CONTENT_LENGTH || *name == header::TRANSFER_ENCODING {
             continue;
         }
-        put_header(&mut out, name.as_str(), value.as_bytes());
+        crate::transport::backend::put_header(&mut out, name.as_str(), value.as_bytes());
     }
     match framing {
         ReqFraming::None => {}
-        ReqFraming::Length(n) => put_header(&mut out, "content-length", n.to_string().as_bytes()),
-        ReqFraming::Chunked => put_header(&mut out, "transfer-encoding", b"chunked"),
+        ReqFraming::Length(n) => {
+            crate::transport::backend::put_header(&mut out, "content-length", n.to_string().as_bytes())
+        }
+        ReqFraming::Chunked => crate::transport::backend::put_header(&mut out, "transfer-encoding", b"chunked"),
     }
     out.extend_from_slice(b"\r\n");
     out.freeze()
-}
-
-fn put_header(out: &mut BytesMut, name: &str, value: &[u8]) {
-    out.extend_from_slice(name.as_bytes());
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
 }
 
 /// Why sending the request stopped.

@@ -637,7 +637,10 @@ fn shutdown_does_not_wait_longer_than_the_close_timeout() {
     assert_eq!(deadline, now + cfg().close_timeout);
     s.handle_timeout(deadline);
     let a = actions(&mut s);
-    assert!(matches!(&sent(&a)[..], [Message::Close(Some(f))] if f.code == 1001), "{a:?}");
+    assert!(
+        matches!(&sent(&a)[..], [Message::Close(Some(f))] if f.code == 1001),
+        "{a:?}"
+    );
 }
 
 #[test]

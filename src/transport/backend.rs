@@ -447,7 +447,8 @@ impl RequestTemplate {
     }
 }
 
-fn put_header(out: &mut bytes::BytesMut, name: &str, value: &[u8]) {
+/// Writes one `name: value` header line.
+pub(crate) fn put_header(out: &mut bytes::BytesMut, name: &str, value: &[u8]) {
     out.extend_from_slice(name.as_bytes());
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
@@ -601,9 +602,18 @@ mod tests {
     fn http1_head_matches_the_header_map_path() {
         let cases = [
             ("{}", ""),
-            ("{replayDeny: [Authorization], add: [{name: X-Env, value: prod}], remove: [Cookie, X-Forwarded-Proto], forwardedFor: append}", ""),
-            ("{forwardedFor: replace, remove: [Host]}", ", hostOverride: backend.internal"),
-            ("{forwardedFor: drop, replayAllow: [X-Custom]}", ", hostOverride: backend.internal"),
+            (
+                "{replayDeny: [Authorization], add: [{name: X-Env, value: prod}], remove: [Cookie, X-Forwarded-Proto], forwardedFor: append}",
+                "",
+            ),
+            (
+                "{forwardedFor: replace, remove: [Host]}",
+                ", hostOverride: backend.internal",
+            ),
+            (
+                "{forwardedFor: drop, replayAllow: [X-Custom]}",
+                ", hostOverride: backend.internal",
+            ),
         ];
         for (rules, host) in cases {
             let template = RequestTemplate::new(
@@ -621,7 +631,10 @@ mod tests {
             .expect("template");
             let req = BackendRequest {
                 body: Bytes::from_static(b"TEXT 2\r\nhi\r\n"),
-                meta: Arc::from(vec![(HeaderName::from_static("meta-user"), HeaderValue::from_static("alice"))]),
+                meta: Arc::from(vec![(
+                    HeaderName::from_static("meta-user"),
+                    HeaderValue::from_static("alice"),
+                )]),
                 replayed: 3,
                 events: 1,
                 attempt: 0,

@@ -8,8 +8,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -299,7 +299,11 @@ impl Driver {
                 self.shutdown_seen = true;
                 // Spread closes over the pacing window so clients don't reconnect at once.
                 let window = self.conn.close_pacing.as_millis() as u64;
-                let jitter = if window == 0 { 0 } else { pacing_hash(&self.conn.handle.id) % window };
+                let jitter = if window == 0 {
+                    0
+                } else {
+                    pacing_hash(&self.conn.handle.id) % window
+                };
                 self.shutdown_at = Some(Box::pin(tokio::time::sleep(Duration::from_millis(jitter))));
             }
             if let Some(s) = self.shutdown_at.as_mut() {
@@ -576,4 +580,3 @@ impl Driver {
         std::mem::take(&mut self.summary)
     }
 }
-

@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::StatusCode;
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -196,7 +196,9 @@ impl H1Pool {
 }
 
 fn spawn_reaper(pool: Weak<H1Pool>) {
-    let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
     rt.spawn(async move {
         let every = match pool.upgrade() {
             Some(p) => (p.idle_timeout / 2).max(Duration::from_millis(100)),
@@ -230,7 +232,11 @@ fn looks_open(stream: &TcpStream) -> bool {
 }
 
 pub(crate) async fn connect(authority: &str, timeout: Duration) -> Result<TcpStream, BackendError> {
-    let target = if authority.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) && !authority.ends_with(']') {
+    let target = if authority
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+        && !authority.ends_with(']')
+    {
         authority.to_owned()
     } else {
         format!("{authority}:80")
@@ -339,10 +345,7 @@ async fn roundtrip(
     };
     let (body, complete) = read_body(&mut stream, &mut buf, framing, cap, over_is_error).await?;
     let reusable = complete && keep_alive && buf.is_empty() && !matches!(framing, Framing::UntilClose);
-    Ok((
-        BackendResponse { status, headers, body },
-        reusable.then_some(stream),
-    ))
+    Ok((BackendResponse { status, headers, body }, reusable.then_some(stream)))
 }
 
 pub(crate) fn is_closed(e: &io::Error) -> bool {
@@ -434,7 +437,8 @@ pub(crate) fn parse_head(buf: &[u8]) -> Result<Option<Head>, Failure> {
         }
         headers.append(name, value);
     }
-    let framing = if status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED || status.is_informational() {
+    let framing = if status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED || status.is_informational()
+    {
         Framing::Length(0)
     } else if chunked {
         // Transfer-Encoding wins over Content-Length (RFC 9112 6.3); such a message must not
@@ -487,22 +491,20 @@ async fn read_body(
             let body = buf.split_to(take).freeze();
             Ok((body, take == want))
         }
-        Framing::UntilClose => {
-            loop {
-                if buf.len() > cap {
-                    if over_is_error {
-                        return Err(too_large());
-                    }
-                    buf.truncate(cap);
-                    return Ok((buf.split().freeze(), false));
+        Framing::UntilClose => loop {
+            if buf.len() > cap {
+                if over_is_error {
+                    return Err(too_large());
                 }
-                match read_more(stream, buf).await {
-                    Ok(0) => return Ok((buf.split().freeze(), true)),
-                    Ok(_) => {}
-                    Err(e) => return Err(failed("reading the response body", e)),
-                }
+                buf.truncate(cap);
+                return Ok((buf.split().freeze(), false));
             }
-        }
+            match read_more(stream, buf).await {
+                Ok(0) => return Ok((buf.split().freeze(), true)),
+                Ok(_) => {}
+                Err(e) => return Err(failed("reading the response body", e)),
+            }
+        },
         Framing::Chunked => {
             let mut body = BytesMut::new();
             let mut decoder = ChunkDecoder::default();
@@ -559,7 +561,9 @@ impl ChunkDecoder {
             match self.state {
                 ChunkState::Done => return Ok(true),
                 ChunkState::Size => {
-                    let Some(line) = take_line(input)? else { return Ok(false) };
+                    let Some(line) = take_line(input)? else {
+                        return Ok(false);
+                    };
                     let hex = line.split(|b| *b == b';').next().unwrap_or(&[]).trim_ascii();
                     if hex.is_empty() || hex.len() > 16 {
                         return Err("bad chunk size");
@@ -567,9 +571,16 @@ impl ChunkDecoder {
                     let mut n: u64 = 0;
                     for &c in hex {
                         let d = (c as char).to_digit(16).ok_or("bad chunk size")?;
-                        n = n.checked_mul(16).and_then(|v| v.checked_add(u64::from(d))).ok_or("bad chunk size")?;
+                        n = n
+                            .checked_mul(16)
+                            .and_then(|v| v.checked_add(u64::from(d)))
+                            .ok_or("bad chunk size")?;
                     }
-                    self.state = if n == 0 { ChunkState::Trailers } else { ChunkState::Data(n) };
+                    self.state = if n == 0 {
+                        ChunkState::Trailers
+                    } else {
+                        ChunkState::Data(n)
+                    };
                 }
                 ChunkState::Data(left) => {
                     if input.is_empty() {
@@ -579,17 +590,25 @@ impl ChunkDecoder {
                     out.extend_from_slice(&input[..n]);
                     input.advance(n);
                     let left = left - n as u64;
-                    self.state = if left == 0 { ChunkState::DataEnd } else { ChunkState::Data(left) };
+                    self.state = if left == 0 {
+                        ChunkState::DataEnd
+                    } else {
+                        ChunkState::Data(left)
+                    };
                 }
                 ChunkState::DataEnd => {
-                    let Some(line) = take_line(input)? else { return Ok(false) };
+                    let Some(line) = take_line(input)? else {
+                        return Ok(false);
+                    };
                     if !line.is_empty() {
                         return Err("missing CRLF after chunk data");
                     }
                     self.state = ChunkState::Size;
                 }
                 ChunkState::Trailers => {
-                    let Some(line) = take_line(input)? else { return Ok(false) };
+                    let Some(line) = take_line(input)? else {
+                        return Ok(false);
+                    };
                     if line.is_empty() {
                         self.state = ChunkState::Done;
                     }
@@ -654,12 +673,30 @@ mod tests {
             Ok(None) => panic!("partial"),
             Err(_) => panic!("error"),
         };
-        assert_eq!(h(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"), (200, Framing::Length(5), true));
-        assert_eq!(h(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 5\r\n\r\n"), (200, Framing::Length(5), false));
-        assert_eq!(h(b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\n"), (200, Framing::Length(5), false));
-        assert_eq!(h(b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 5\r\n\r\n"), (200, Framing::Length(5), true));
-        assert_eq!(h(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"), (200, Framing::Chunked, true));
-        assert_eq!(h(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n"), (200, Framing::Chunked, false));
+        assert_eq!(
+            h(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"),
+            (200, Framing::Length(5), true)
+        );
+        assert_eq!(
+            h(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 5\r\n\r\n"),
+            (200, Framing::Length(5), false)
+        );
+        assert_eq!(
+            h(b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\n"),
+            (200, Framing::Length(5), false)
+        );
+        assert_eq!(
+            h(b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 5\r\n\r\n"),
+            (200, Framing::Length(5), true)
+        );
+        assert_eq!(
+            h(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            (200, Framing::Chunked, true)
+        );
+        assert_eq!(
+            h(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n"),
+            (200, Framing::Chunked, false)
+        );
         assert_eq!(h(b"HTTP/1.1 200 OK\r\n\r\n"), (200, Framing::UntilClose, true));
         assert_eq!(h(b"HTTP/1.1 204 No Content\r\n\r\n"), (204, Framing::Length(0), true));
         assert_eq!(h(b"HTTP/1.1 100 Continue\r\n\r\n").0, 100);

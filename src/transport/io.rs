@@ -27,8 +27,8 @@ use std::task::{Context, Poll};
 
 use bytes::BytesMut;
 use rustls::ServerConnection;
-use tokio::io::{AsyncRead, ReadBuf};
 use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, ReadBuf};
 use tokio::net::TcpStream;
 
 /// Bytes reserved in an empty read buffer before reading into it.
