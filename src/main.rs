@@ -131,6 +131,27 @@ struct GatewayArgs {
         value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1024..=1024 * 1024)
     )]
     max_header_bytes: usize,
+    /// Idle connections to a backend are kept this long for reuse.
+    #[arg(long, default_value = "90s")]
+    backend_idle_timeout: DurationSpec,
+    /// Idle connections kept per backend address (0: none kept).
+    #[arg(long, default_value_t = 1024)]
+    backend_max_idle: usize,
+    /// Most headers accepted in a backend's response (1 to 256); more fails the request.
+    #[arg(
+        long,
+        default_value_t = 100,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=256)
+    )]
+    backend_max_response_headers: usize,
+    /// Largest backend response head (status line and headers) in bytes; larger fails the
+    /// request.
+    #[arg(
+        long,
+        default_value_t = 65536,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1024..=1024 * 1024)
+    )]
+    backend_max_response_head_bytes: usize,
     /// Accept queue of the client listener (connections the kernel holds before accept).
     #[arg(long, default_value_t = 4096)]
     listen_backlog: u32,
@@ -292,8 +313,13 @@ async fn gateway(args: GatewayArgs) -> ExitCode {
         shutdown_timeout: args.shutdown_timeout.get(),
         max_headers: args.max_headers,
         max_header_bytes: args.max_header_bytes,
+        backend_idle_timeout: args.backend_idle_timeout.get(),
+        backend_max_idle_per_host: args.backend_max_idle,
+        backend_response_head: wsgate::transport::h1::HeadLimits {
+            max_bytes: args.backend_max_response_head_bytes,
+            max_headers: args.backend_max_response_headers,
+        },
         tls,
-        ..GatewaySettings::default()
     };
     let table = Arc::new(ArcSwap::from_pointee(table));
     let mut gw = Gateway::new(table.clone(), settings);
@@ -431,6 +457,10 @@ async fn demo(args: DemoArgs) -> ExitCode {
         shutdown_timeout: DurationSpec::from_secs(5),
         max_headers: 100,
         max_header_bytes: server::DEFAULT_MAX_HEADER_BYTES,
+        backend_idle_timeout: DurationSpec::from_secs(90),
+        backend_max_idle: 1024,
+        backend_max_response_headers: 100,
+        backend_max_response_head_bytes: 65536,
         listen_backlog: 4096,
         tls_cert: None,
         tls_key: None,

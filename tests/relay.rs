@@ -864,3 +864,41 @@ async fn an_edited_route_applies_to_open_connections() {
     c.expect_text("b").await;
     assert_eq!(backend.wait_event(text("b")).await.header("x-version"), Some("2"));
 }
+
+/// The limits on a backend's response head (`--backend-max-response-headers`,
+/// `--backend-max-response-head-bytes`): a handshake whose OPEN response exceeds them gets 502.
+#[tokio::test]
+async fn backend_response_heads_over_the_limits_fail_the_request() {
+    let backend = Backend::start(|r| {
+        let mut reply = echo_reply(r);
+        if r.uri.path() == "/many" {
+            for i in 0..10 {
+                reply = reply.header(&format!("x-extra-{i}"), "v");
+            }
+        } else if r.uri.path() == "/big" {
+            reply = reply.header("x-big", &"a".repeat(3000));
+        }
+        reply
+    })
+    .await;
+    let route = wsgate::config::Route::catch_all(&backend.url()).expect("route");
+    let gw = TestGateway::with_routes(
+        vec![route],
+        wsgate::server::GatewaySettings {
+            backend_response_head: wsgate::transport::h1::HeadLimits {
+                max_bytes: 2048,
+                max_headers: 8,
+            },
+            ..Default::default()
+        },
+    )
+    .await;
+    for path in ["/many", "/big"] {
+        let (status, _, _) = http_request(gw.addr, "GET", path, &upgrade_headers(), b"").await;
+        assert_eq!(status, 502, "{path}");
+    }
+    // Within the limits the same backend is fine.
+    let mut c = gw.connect("/ok").await;
+    c.send_text("fits").await;
+    c.expect_text("fits").await;
+}

@@ -49,6 +49,8 @@ pub struct GatewaySettings {
     pub backend_idle_timeout: Duration,
     /// Idle backend connections kept per backend host.
     pub backend_max_idle_per_host: usize,
+    /// Limits on backend response heads (`http://` backends).
+    pub backend_response_head: crate::transport::h1::HeadLimits,
     /// Most request headers accepted from a client.
     pub max_headers: usize,
     /// Largest request head accepted from a client, in bytes (request line and headers); a
@@ -69,6 +71,7 @@ impl Default for GatewaySettings {
             shutdown_timeout: Duration::from_secs(25),
             backend_idle_timeout: Duration::from_secs(90),
             backend_max_idle_per_host: 1024,
+            backend_response_head: crate::transport::h1::HeadLimits::default(),
             max_headers: 100,
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
             tls: None,
@@ -136,7 +139,11 @@ impl Gateway {
     pub fn new(table: Arc<ArcSwap<RouteTable>>, settings: GatewaySettings) -> Self {
         Self {
             table,
-            pool: BackendPool::new(settings.backend_idle_timeout, settings.backend_max_idle_per_host),
+            pool: BackendPool::new(
+                settings.backend_idle_timeout,
+                settings.backend_max_idle_per_host,
+                settings.backend_response_head,
+            ),
             registry: Arc::new(Registry::new()),
             conn_limit: Arc::new(Semaphore::new(settings.max_connections)),
             settings,

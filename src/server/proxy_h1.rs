@@ -165,7 +165,7 @@ async fn exchange(
     let retryable = body.is_none();
     let mut body = body;
     if let Some(stream) = pool.checkout(authority) {
-        let mut conn = Conn::new(stream, Sender::new(head.clone(), body.take()));
+        let mut conn = Conn::new(stream, Sender::new(head.clone(), body.take()), pool.head_limits());
         match std::future::poll_fn(|cx| conn.poll_head(cx, retryable)).await {
             Ok(h) => return Ok((conn, h)),
             Err(Failure::Stale) => {}
@@ -173,7 +173,7 @@ async fn exchange(
         }
     }
     let stream = h1::connect(authority, connect_timeout).await?;
-    let mut conn = Conn::new(stream, Sender::new(head, body));
+    let mut conn = Conn::new(stream, Sender::new(head, body), pool.head_limits());
     match std::future::poll_fn(|cx| conn.poll_head(cx, false)).await {
         Ok(h) => Ok((conn, h)),
         Err(Failure::Stale) => Err(BackendError::Failed(
@@ -347,10 +347,12 @@ struct Conn {
     seen: bool,
     /// Why sending stopped early, for the error message if no response follows.
     send_error: Option<io::Error>,
+    /// Limits on the response head.
+    head_limits: h1::HeadLimits,
 }
 
 impl Conn {
-    fn new(stream: TcpStream, sender: Sender) -> Self {
+    fn new(stream: TcpStream, sender: Sender, head_limits: h1::HeadLimits) -> Self {
         Self {
             stream,
             buf: BytesMut::new(),
@@ -358,6 +360,7 @@ impl Conn {
             sent: false,
             seen: false,
             send_error: None,
+            head_limits,
         }
     }
 
@@ -410,7 +413,7 @@ impl Conn {
                 }
             }
             if !self.buf.is_empty() {
-                match h1::parse_head(&self.buf)? {
+                match h1::parse_head(&self.buf, self.head_limits.max_headers)? {
                     Some(head) if head.status == StatusCode::SWITCHING_PROTOCOLS => {
                         return Poll::Ready(Err(failed(
                             "invalid response",
@@ -425,7 +428,7 @@ impl Conn {
                         self.buf.advance(head.len);
                         return Poll::Ready(Ok(head));
                     }
-                    None if self.buf.len() >= h1::MAX_RESPONSE_HEAD => {
+                    None if self.buf.len() >= self.head_limits.max_bytes => {
                         return Poll::Ready(Err(failed("reading the response", "response head too large")));
                     }
                     None => {}

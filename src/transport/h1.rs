@@ -22,10 +22,26 @@ use tokio::net::TcpStream;
 
 use crate::session::{BackendError, BackendResponse};
 
-/// Largest response head (status line and headers) accepted from a backend.
-pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;
-/// Most response headers accepted from a backend.
-const MAX_RESPONSE_HEADERS: usize = 100;
+/// Upper bound of [`HeadLimits::max_headers`] (the parser's header slots live on the stack).
+pub const MAX_HEADERS_CAP: usize = 256;
+
+/// Limits on a backend's response head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeadLimits {
+    /// Largest response head (status line and headers), in bytes.
+    pub max_bytes: usize,
+    /// Most response headers (at most [`MAX_HEADERS_CAP`]).
+    pub max_headers: usize,
+}
+
+impl Default for HeadLimits {
+    fn default() -> Self {
+        Self {
+            max_bytes: 64 * 1024,
+            max_headers: 100,
+        }
+    }
+}
 /// Bodies up to this size are copied behind the head so the request is one `write`.
 const COALESCE_BODY: usize = 16 * 1024;
 
@@ -60,6 +76,7 @@ pub struct H1Pool {
     idle: Mutex<IdleMap>,
     idle_timeout: Duration,
     max_idle_per_host: usize,
+    head: HeadLimits,
     reaper: std::sync::Once,
 }
 
@@ -85,14 +102,23 @@ pub struct ExchangeLimits {
 
 impl H1Pool {
     /// A pool keeping idle connections for `idle_timeout`, at most `max_idle_per_host` per
-    /// backend address.
-    pub fn new(idle_timeout: Duration, max_idle_per_host: usize) -> Arc<Self> {
+    /// backend address; responses must fit `head`.
+    pub fn new(idle_timeout: Duration, max_idle_per_host: usize, head: HeadLimits) -> Arc<Self> {
         Arc::new(Self {
             idle: Mutex::new(IdleMap::default()),
             idle_timeout,
             max_idle_per_host,
+            head: HeadLimits {
+                max_bytes: head.max_bytes,
+                max_headers: head.max_headers.clamp(1, MAX_HEADERS_CAP),
+            },
             reaper: std::sync::Once::new(),
         })
+    }
+
+    /// The limits on response heads.
+    pub fn head_limits(&self) -> HeadLimits {
+        self.head
     }
 
     /// Idle connections currently held (all backends).
@@ -168,7 +194,7 @@ impl H1Pool {
     ) -> Result<BackendResponse, BackendError> {
         let request = Request::new(head, body);
         if let Some(stream) = self.checkout(authority) {
-            match roundtrip(stream, &request, &limits).await {
+            match roundtrip(stream, &request, &limits, self.head).await {
                 Ok((resp, keep)) => {
                     if let Some(s) = keep {
                         self.checkin(authority, s);
@@ -180,7 +206,7 @@ impl H1Pool {
             }
         }
         let stream = connect(authority, limits.connect).await?;
-        match roundtrip(stream, &request, &limits).await {
+        match roundtrip(stream, &request, &limits, self.head).await {
             Ok((resp, keep)) => {
                 if let Some(s) = keep {
                     self.checkin(authority, s);
@@ -294,6 +320,7 @@ async fn roundtrip(
     mut stream: TcpStream,
     req: &Request,
     limits: &ExchangeLimits,
+    head_limits: HeadLimits,
 ) -> Result<(BackendResponse, Option<TcpStream>), Failure> {
     let written = async {
         stream.write_all(&req.first).await?;
@@ -313,10 +340,10 @@ async fn roundtrip(
     let mut buf = BytesMut::with_capacity(4096);
     // Status line and headers, skipping interim (1xx) responses.
     let (status, headers, framing, keep_alive) = loop {
-        if buf.len() >= MAX_RESPONSE_HEAD {
+        if buf.len() >= head_limits.max_bytes {
             return Err(failed("reading the response", "response head too large"));
         }
-        let parsed = parse_head(&buf)?;
+        let parsed = parse_head(&buf, head_limits.max_headers)?;
         match parsed {
             Some(head) if head.status.is_informational() => {
                 buf.advance(head.len);
@@ -388,9 +415,9 @@ pub(crate) struct Head {
 }
 
 /// Parses a complete response head at the front of `buf` (`None`: need more bytes).
-pub(crate) fn parse_head(buf: &[u8]) -> Result<Option<Head>, Failure> {
-    let mut raw = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
-    let mut resp = httparse::Response::new(&mut raw);
+pub(crate) fn parse_head(buf: &[u8], max_headers: usize) -> Result<Option<Head>, Failure> {
+    let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS_CAP];
+    let mut resp = httparse::Response::new(&mut raw[..max_headers.clamp(1, MAX_HEADERS_CAP)]);
     let len = match resp.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(None),
@@ -668,7 +695,7 @@ mod tests {
 
     #[test]
     fn heads_parse_framing_and_keep_alive() {
-        let h = |s: &[u8]| match parse_head(s) {
+        let h = |s: &[u8]| match parse_head(s, 100) {
             Ok(Some(h)) => (h.status.as_u16(), h.framing, h.keep_alive),
             Ok(None) => panic!("partial"),
             Err(_) => panic!("error"),
@@ -700,9 +727,23 @@ mod tests {
         assert_eq!(h(b"HTTP/1.1 200 OK\r\n\r\n"), (200, Framing::UntilClose, true));
         assert_eq!(h(b"HTTP/1.1 204 No Content\r\n\r\n"), (204, Framing::Length(0), true));
         assert_eq!(h(b"HTTP/1.1 100 Continue\r\n\r\n").0, 100);
-        assert!(matches!(parse_head(b"HTTP/1.1 200 OK\r\nContent-Le"), Ok(None)));
-        assert!(parse_head(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n").is_err());
-        assert!(parse_head(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n").is_err());
-        assert!(parse_head(b"garbage\r\n\r\n").is_err());
+        assert!(matches!(parse_head(b"HTTP/1.1 200 OK\r\nContent-Le", 100), Ok(None)));
+        assert!(
+            parse_head(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+                100
+            )
+            .is_err()
+        );
+        assert!(parse_head(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", 100).is_err());
+        assert!(parse_head(b"garbage\r\n\r\n", 100).is_err());
+        // The header count limit.
+        let mut many = b"HTTP/1.1 200 OK\r\n".to_vec();
+        for i in 0..5 {
+            many.extend_from_slice(format!("x-h{i}: v\r\n").as_bytes());
+        }
+        many.extend_from_slice(b"\r\n");
+        assert!(matches!(parse_head(&many, 5), Ok(Some(_))));
+        assert!(parse_head(&many, 4).is_err(), "more headers than allowed");
     }
 }
