@@ -180,9 +180,10 @@ pub struct RequestTemplate {
     /// Client headers that survive the fixed protocol exclusions.
     client: Vec<(HeaderName, HeaderValue)>,
     host: Option<HeaderValue>,
-    /// `X-Forwarded-For` values the client sent, joined.
-    prior_xff: Option<String>,
-    peer_ip: String,
+    /// `X-Forwarded-For` for the `append` mode: the client's values, then its address.
+    xff_appended: HeaderValue,
+    /// The client's address, for the `replace` mode.
+    peer_ip: HeaderValue,
     tls: bool,
     connection_id: Option<HeaderValue>,
     websocket: bool,
@@ -241,6 +242,14 @@ impl RequestTemplate {
             .iter()
             .filter_map(|v| v.to_str().ok())
             .collect();
+        // Made once: both forms are the same for every request of the connection.
+        let ip = client.peer.ip().to_string();
+        let peer_ip = HeaderValue::from_str(&ip).unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        let xff_appended = if prior.is_empty() {
+            peer_ip.clone()
+        } else {
+            HeaderValue::from_str(&format!("{}, {ip}", prior.join(", "))).unwrap_or_else(|_| peer_ip.clone())
+        };
         Ok(Self {
             uri,
             route,
@@ -248,8 +257,8 @@ impl RequestTemplate {
             host: client_headers
                 .get(header::HOST)
                 .and_then(|h| HeaderValue::from_bytes(h.as_bytes()).ok()),
-            prior_xff: (!prior.is_empty()).then(|| prior.join(", ")),
-            peer_ip: client.peer.ip().to_string(),
+            xff_appended,
+            peer_ip,
             tls: client.tls,
             connection_id: connection_id.and_then(|c| HeaderValue::from_str(c).ok()),
             websocket,
@@ -271,116 +280,77 @@ impl RequestTemplate {
         }
     }
 
-    /// The headers of a backend request: replayed client headers under the route's rules,
-    /// forwarding headers, and the protocol's own headers for WebSocket requests.
-    pub fn headers(&self) -> HeaderMap {
-        let rules = &self.route.headers;
-        let mut headers = HeaderMap::with_capacity(self.client.len() + 10);
-        for (name, value) in &self.client {
-            if rules.replays(name) {
-                headers.append(name.clone(), value.clone());
-            }
-        }
-        if let Some(h) = self.route.backend.host_override.as_ref().or(self.host.as_ref()) {
-            headers.insert(header::HOST, h.clone());
-        }
-        let xff = match rules.forwarded_for {
-            ForwardedFor::Append => Some(match &self.prior_xff {
-                Some(p) => format!("{p}, {}", self.peer_ip),
-                None => self.peer_ip.clone(),
-            }),
-            ForwardedFor::Replace => Some(self.peer_ip.clone()),
-            ForwardedFor::Drop => None,
-        };
-        if let Some(v) = xff.and_then(|v| HeaderValue::from_str(&v).ok()) {
-            headers.insert("x-forwarded-for", v);
-        }
-        headers.insert(
-            "x-forwarded-proto",
-            HeaderValue::from_static(if self.tls { "https" } else { "http" }),
-        );
-        if let Some(h) = &self.host {
-            headers.insert("x-forwarded-host", h.clone());
-        }
-        if self.websocket {
-            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(EVENTS_MEDIA_TYPE));
-            headers.insert(header::ACCEPT, HeaderValue::from_static(EVENTS_MEDIA_TYPE));
-            if let Some(id) = &self.connection_id {
-                headers.insert("connection-id", id.clone());
-            }
-        }
-        for name in &rules.remove {
-            headers.remove(name);
-        }
-        for (name, value) in &rules.add {
-            headers.append(name.clone(), value.clone());
-        }
-        headers
-    }
-
-    /// [`Self::headers`] of a WebSocket request written straight as HTTP/1.1 header lines (no
-    /// header map; nothing kept between requests). Client headers that collide with the ones
-    /// written here were dropped when the template was made.
-    fn write_headers(&self, out: &mut bytes::BytesMut, skip_trace_context: bool) {
+    /// Every header a backend request gets from the template, in order, under the route's
+    /// rules: the replayed client headers, `Host` (the route's override, the client's, or the
+    /// backend's authority), the forwarding headers, the protocol's own headers for WebSocket
+    /// requests, then the route's added headers. Client headers the gateway writes itself are
+    /// left out; with `skip_trace_context` so are the client's `traceparent`/`tracestate` (a
+    /// traced request carries its span's). The one place these rules live: [`Self::headers`]
+    /// and [`Self::http1_head`] both use it.
+    fn for_each_header(&self, skip_trace_context: bool, mut f: impl FnMut(&HeaderName, &HeaderValue)) {
+        const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+        const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+        const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+        const CONNECTION_ID: HeaderName = HeaderName::from_static("connection-id");
         let rules = &self.route.headers;
         let removed = |name: &HeaderName| !rules.remove.is_empty() && rules.remove.contains(name);
-        let put = |out: &mut bytes::BytesMut, name: &HeaderName, value: &[u8]| {
-            if !removed(name) {
-                put_header(out, name.as_str(), value);
-            }
-        };
         for (name, value) in &self.client {
-            if skip_trace_context && (name == "traceparent" || name == "tracestate") {
-                continue;
-            }
-            if rules.replays(name) && *name != header::CONTENT_LENGTH && *name != header::TRANSFER_ENCODING {
-                put(out, name, value.as_bytes());
+            let ours = *name == X_FORWARDED_PROTO || (self.host.is_some() && *name == X_FORWARDED_HOST);
+            let trace = skip_trace_context && (name == "traceparent" || name == "tracestate");
+            if !ours && !trace && rules.replays(name) {
+                f(name, value);
             }
         }
         match self.route.backend.host_override.as_ref().or(self.host.as_ref()) {
-            Some(h) if !removed(&header::HOST) => put_header(out, "host", h.as_bytes()),
+            Some(h) if !removed(&header::HOST) => f(&header::HOST, h),
             _ => {
-                if let Some(a) = self.uri.authority() {
-                    put_header(out, "host", a.as_str().as_bytes());
+                if let Some(a) = self
+                    .uri
+                    .authority()
+                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+                {
+                    f(&header::HOST, &a);
                 }
             }
         }
-        let xff = HeaderName::from_static("x-forwarded-for");
-        if !removed(&xff) {
-            match (rules.forwarded_for, &self.prior_xff) {
-                (ForwardedFor::Append, Some(p)) => {
-                    out.extend_from_slice(b"x-forwarded-for: ");
-                    out.extend_from_slice(p.as_bytes());
-                    out.extend_from_slice(b", ");
-                    out.extend_from_slice(self.peer_ip.as_bytes());
-                    out.extend_from_slice(b"\r\n");
-                }
-                (ForwardedFor::Append | ForwardedFor::Replace, _) => {
-                    put_header(out, "x-forwarded-for", self.peer_ip.as_bytes());
-                }
-                (ForwardedFor::Drop, _) => {}
+        if !removed(&X_FORWARDED_FOR) {
+            match rules.forwarded_for {
+                ForwardedFor::Append => f(&X_FORWARDED_FOR, &self.xff_appended),
+                ForwardedFor::Replace => f(&X_FORWARDED_FOR, &self.peer_ip),
+                ForwardedFor::Drop => {}
             }
         }
-        put(
-            out,
-            &HeaderName::from_static("x-forwarded-proto"),
-            if self.tls { b"https" } else { b"http" },
-        );
+        let emit = |f: &mut dyn FnMut(&HeaderName, &HeaderValue), name: &HeaderName, value: &HeaderValue| {
+            if !removed(name) {
+                f(name, value);
+            }
+        };
+        let proto = HeaderValue::from_static(if self.tls { "https" } else { "http" });
+        emit(&mut f, &X_FORWARDED_PROTO, &proto);
         if let Some(h) = &self.host {
-            put(out, &HeaderName::from_static("x-forwarded-host"), h.as_bytes());
+            emit(&mut f, &X_FORWARDED_HOST, h);
         }
         if self.websocket {
-            put(out, &header::CONTENT_TYPE, EVENTS_MEDIA_TYPE.as_bytes());
-            put(out, &header::ACCEPT, EVENTS_MEDIA_TYPE.as_bytes());
+            let media = HeaderValue::from_static(EVENTS_MEDIA_TYPE);
+            emit(&mut f, &header::CONTENT_TYPE, &media);
+            emit(&mut f, &header::ACCEPT, &media);
             if let Some(id) = &self.connection_id {
-                put(out, &HeaderName::from_static("connection-id"), id.as_bytes());
+                emit(&mut f, &CONNECTION_ID, id);
             }
         }
         for (name, value) in &rules.add {
-            if *name != header::CONTENT_LENGTH && *name != header::TRANSFER_ENCODING {
-                put_header(out, name.as_str(), value.as_bytes());
-            }
+            f(name, value);
         }
+    }
+
+    /// The headers of a backend request as a header map (the hyper client's requests and
+    /// plain HTTP pass-through); see [`Self::for_each_header`].
+    pub fn headers(&self) -> HeaderMap {
+        let mut headers = HeaderMap::with_capacity(self.client.len() + 10);
+        self.for_each_header(false, |name, value| {
+            headers.append(name.clone(), value.clone());
+        });
+        headers
     }
 
     /// The complete HTTP/1.1 head of the `POST` for one session request (for the in-task
@@ -399,7 +369,12 @@ impl RequestTemplate {
         out.extend_from_slice(b" HTTP/1.1\r\n");
         // A traced request carries the span's trace context instead of the client's.
         let traced = span.is_recording();
-        self.write_headers(&mut out, traced);
+        self.for_each_header(traced, |name, value| {
+            // The in-task client writes the framing itself.
+            if *name != header::CONTENT_LENGTH && *name != header::TRANSFER_ENCODING {
+                put_header(&mut out, name.as_str(), value.as_bytes());
+            }
+        });
         if traced {
             span.write_http1(&mut out);
         }
