@@ -835,3 +835,22 @@ fn grip_off_for_route_means_messages_pass_unchanged() {
     let a = backend_says(&mut s, "c:{\"type\":\"detach\"}", now);
     assert_eq!(sent(&a), vec![text("c:{\"type\":\"detach\"}")]);
 }
+
+#[test]
+fn an_idle_session_releases_its_queue_capacity() {
+    let now = t0();
+    let mut s = open(cfg(), now);
+    s.handle_client(ClientInput::Message(text("hi")), now);
+    actions(&mut s);
+    s.handle_backend(ok(b"TEXT 2\r\nhi\r\n", &[]), now);
+    actions(&mut s);
+    assert!(
+        s.actions.capacity() > 0 && s.queue.capacity() > 0,
+        "the exchange used both queues"
+    );
+    s.release_idle_memory();
+    assert_eq!((s.actions.capacity(), s.queue.capacity()), (0, 0));
+    // Still works afterwards.
+    s.handle_client(ClientInput::Message(text("again")), now);
+    assert!(request(&actions(&mut s)).is_some());
+}
