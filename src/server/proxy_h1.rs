@@ -111,10 +111,10 @@ pub(super) async fn forward(
             None => ReqFraming::Chunked,
         }
     };
-    let mut headers = template.headers();
-    crate::telemetry::inject(span, &mut headers);
-    let head = request_head(&parts.method, &template.uri, &authority, &headers, framing);
-    drop(headers);
+    // The proxy span's trace context replaces the client's (empty when tracing is off).
+    let mut trace = HeaderMap::new();
+    crate::telemetry::inject(span, &mut trace);
+    let head = request_head(&parts.method, &template, &trace, framing);
     // An empty body is never polled: a retried request resends only its head.
     let body = (!empty).then_some(body);
     let pool = gw.pool.h1.clone();
@@ -183,37 +183,24 @@ async fn exchange(
     }
 }
 
-/// The request head: request line, `headers` (without their framing headers), a `host` from
-/// the URI when there is none, and the request body's framing header.
-fn request_head(
-    method: &Method,
-    uri: &http::Uri,
-    authority: &Authority,
-    headers: &HeaderMap,
-    framing: ReqFraming,
-) -> Bytes {
-    let path = uri.path_and_query().map_or("/", |p| p.as_str());
-    let size: usize = headers.iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum();
-    let mut out = BytesMut::with_capacity(size + path.len() + authority.as_str().len() + 64);
+/// The request head: request line, the template's headers (`trace` replacing the client's
+/// trace context when it is not empty) and the request body's framing header.
+fn request_head(method: &Method, template: &RequestTemplate, trace: &HeaderMap, framing: ReqFraming) -> Bytes {
+    use crate::transport::backend::put_header;
+    let path = template.uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut out = BytesMut::with_capacity(path.len() + 640);
     out.extend_from_slice(method.as_str().as_bytes());
     out.extend_from_slice(b" ");
     out.extend_from_slice(path.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    if !headers.contains_key(header::HOST) {
-        crate::transport::backend::put_header(&mut out, "host", authority.as_str().as_bytes());
-    }
-    for (name, value) in headers {
-        if *name == header::CONTENT_LENGTH || *name == header::TRANSFER_ENCODING {
-            continue;
-        }
-        crate::transport::backend::put_header(&mut out, name.as_str(), value.as_bytes());
+    template.write_http1_headers(&mut out, !trace.is_empty());
+    for (name, value) in trace {
+        put_header(&mut out, name.as_str(), value.as_bytes());
     }
     match framing {
         ReqFraming::None => {}
-        ReqFraming::Length(n) => {
-            crate::transport::backend::put_header(&mut out, "content-length", n.to_string().as_bytes())
-        }
-        ReqFraming::Chunked => crate::transport::backend::put_header(&mut out, "transfer-encoding", b"chunked"),
+        ReqFraming::Length(n) => put_header(&mut out, "content-length", n.to_string().as_bytes()),
+        ReqFraming::Chunked => put_header(&mut out, "transfer-encoding", b"chunked"),
     }
     out.extend_from_slice(b"\r\n");
     out.freeze()
@@ -607,45 +594,69 @@ impl Body for BackendBody {
 mod tests {
     use super::*;
 
-    fn head(method: Method, headers: &[(&str, &str)], framing: ReqFraming) -> String {
-        let uri: http::Uri = "http://backend:8080/a/b?x=1&y".parse().expect("uri");
-        let authority = uri.authority().cloned().expect("authority");
-        let mut map = HeaderMap::new();
-        for (n, v) in headers {
-            map.append(
-                http::HeaderName::from_bytes(n.as_bytes()).expect("name"),
-                http::HeaderValue::from_str(v).expect("value"),
-            );
-        }
-        String::from_utf8(request_head(&method, &uri, &authority, &map, framing).to_vec()).expect("utf-8")
+    fn head(method: Method, headers: &[(&str, &str)], trace: &[(&str, &str)], framing: ReqFraming) -> String {
+        let yaml = "routes:\n  - name: r\n    backend: {url: http://backend:8080/a}\n";
+        let route = std::sync::Arc::new(crate::config::parse_routes_yaml(yaml).expect("routes").remove(0));
+        let to_map = |pairs: &[(&str, &str)]| {
+            let mut map = HeaderMap::new();
+            for (n, v) in pairs {
+                map.append(
+                    http::HeaderName::from_bytes(n.as_bytes()).expect("name"),
+                    http::HeaderValue::from_str(v).expect("value"),
+                );
+            }
+            map
+        };
+        let client = crate::transport::backend::ClientInfo {
+            peer: "192.0.2.1:4000".parse().expect("addr"),
+            tls: false,
+        };
+        let template =
+            RequestTemplate::new(route, "/", "/b?x=1&y", &to_map(headers), &client, None, false).expect("template");
+        String::from_utf8(request_head(&method, &template, &to_map(trace), framing).to_vec()).expect("utf-8")
     }
 
     #[test]
     fn request_heads_carry_the_body_framing_and_a_host() {
-        assert_eq!(
-            head(Method::GET, &[("accept", "*/*")], ReqFraming::None),
-            "GET /a/b?x=1&y HTTP/1.1\r\nhost: backend:8080\r\naccept: */*\r\n\r\n"
+        let h = head(Method::GET, &[("accept", "*/*")], &[], ReqFraming::None);
+        assert!(h.starts_with("GET /a/b?x=1&y HTTP/1.1\r\n"), "{h}");
+        assert!(
+            h.contains("\r\nhost: backend:8080\r\n"),
+            "the backend's authority without a client Host: {h}"
         );
+        assert!(h.contains("\r\naccept: */*\r\n") && h.ends_with("\r\n\r\n"), "{h}");
+        assert!(!h.contains("content-length") && !h.contains("transfer-encoding"), "{h}");
         // The client's own framing headers are replaced by the body's real framing.
-        assert_eq!(
-            head(
-                Method::POST,
-                &[("host", "front"), ("content-length", "99"), ("x-a", "1"), ("x-a", "2")],
-                ReqFraming::Length(7)
-            ),
-            "POST /a/b?x=1&y HTTP/1.1\r\nhost: front\r\nx-a: 1\r\nx-a: 2\r\ncontent-length: 7\r\n\r\n"
+        let h = head(
+            Method::POST,
+            &[("host", "front"), ("content-length", "99"), ("x-a", "1"), ("x-a", "2")],
+            &[],
+            ReqFraming::Length(7),
         );
-        assert_eq!(
-            head(
-                Method::PUT,
-                &[("host", "front"), ("transfer-encoding", "gzip")],
-                ReqFraming::Chunked
-            ),
-            "PUT /a/b?x=1&y HTTP/1.1\r\nhost: front\r\ntransfer-encoding: chunked\r\n\r\n"
+        assert!(
+            h.starts_with("POST /a/b?x=1&y HTTP/1.1\r\nx-a: 1\r\nx-a: 2\r\nhost: front\r\n"),
+            "{h}"
         );
-        assert_eq!(
-            head(Method::DELETE, &[("host", "front")], ReqFraming::Length(0)),
-            "DELETE /a/b?x=1&y HTTP/1.1\r\nhost: front\r\ncontent-length: 0\r\n\r\n"
+        assert!(h.ends_with("content-length: 7\r\n\r\n") && !h.contains("99"), "{h}");
+        let h = head(
+            Method::PUT,
+            &[("host", "front"), ("transfer-encoding", "gzip")],
+            &[],
+            ReqFraming::Chunked,
         );
+        assert!(
+            h.ends_with("\r\ntransfer-encoding: chunked\r\n\r\n") && !h.contains("gzip"),
+            "{h}"
+        );
+        let h = head(Method::DELETE, &[("host", "front")], &[], ReqFraming::Length(0));
+        assert!(h.ends_with("\r\ncontent-length: 0\r\n\r\n"), "{h}");
+        // A traced request carries the proxy span's trace context, not the client's.
+        let h = head(
+            Method::GET,
+            &[("traceparent", "00-11111111111111111111111111111111-2222222222222222-01")],
+            &[("traceparent", "00-33333333333333333333333333333333-4444444444444444-01")],
+            ReqFraming::None,
+        );
+        assert!(h.contains("traceparent: 00-3333") && !h.contains("00-1111"), "{h}");
     }
 }

@@ -353,6 +353,16 @@ impl RequestTemplate {
         headers
     }
 
+    /// The template's headers ([`Self::for_each_header`]) as HTTP/1.1 header lines, without
+    /// framing headers: the in-task clients write those for the body they send.
+    pub fn write_http1_headers(&self, out: &mut bytes::BytesMut, skip_trace_context: bool) {
+        self.for_each_header(skip_trace_context, |name, value| {
+            if *name != header::CONTENT_LENGTH && *name != header::TRANSFER_ENCODING {
+                put_header(out, name.as_str(), value.as_bytes());
+            }
+        });
+    }
+
     /// The complete HTTP/1.1 head of the `POST` for one session request (for the in-task
     /// client): [`Self::headers`] plus the request's own headers; with a recording span its
     /// `traceparent` replaces the client's.
@@ -369,12 +379,7 @@ impl RequestTemplate {
         out.extend_from_slice(b" HTTP/1.1\r\n");
         // A traced request carries the span's trace context instead of the client's.
         let traced = span.is_recording();
-        self.for_each_header(traced, |name, value| {
-            // The in-task client writes the framing itself.
-            if *name != header::CONTENT_LENGTH && *name != header::TRANSFER_ENCODING {
-                put_header(&mut out, name.as_str(), value.as_bytes());
-            }
-        });
+        self.write_http1_headers(&mut out, traced);
         if traced {
             span.write_http1(&mut out);
         }
