@@ -724,6 +724,11 @@ pub async fn status_is_written_once_per_change(cluster: &Cluster) {
     created_route_is_accepted(cluster).await;
     // Writing status bumps resourceVersion but not generation; the controller must not loop on
     // its own writes. Another route's creation rechecks everything but rewrites nothing.
+    // The accepted status can be seen before the controller's patch call returns and counts it.
+    eventually("the first status write is counted", || async {
+        ctl.metrics.snapshot().status_writes > 0
+    })
+    .await;
     let writes = ctl.metrics.snapshot().status_writes;
     cluster
         .create_route(
@@ -734,6 +739,10 @@ pub async fn status_is_written_once_per_change(cluster: &Cluster) {
     cluster
         .wait_route("other", "accepted", |r| is(r, "Accepted", "True", "Accepted"))
         .await;
+    eventually("the new route's status write is counted", || async {
+        ctl.metrics.snapshot().status_writes > writes
+    })
+    .await;
     let chat = cluster.routes().get("chat").await.expect("chat");
     assert_eq!(chat.metadata.generation, Some(1));
     assert_eq!(
@@ -792,6 +801,12 @@ pub async fn leadership_fails_over_and_only_the_leader_writes(cluster: &Cluster)
             is(r, "Accepted", "True", "Accepted")
         })
         .await;
-    assert!(next.name_any() == "next" && second.metrics.snapshot().status_writes > 0);
+    assert_eq!(next.name_any(), "next");
+    // The status can be visible through the API before the leader's patch call has returned
+    // and counted the write, so wait for the counter rather than read it once.
+    eventually("the new leader counts its status write", || async {
+        second.metrics.snapshot().status_writes > 0
+    })
+    .await;
     second.stop().await;
 }
