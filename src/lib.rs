@@ -34,4 +34,5 @@ pub mod server;
 pub mod session;
 pub mod signal;
 pub mod telemetry;
+pub mod telemetry_otlp;
 pub mod transport;

@@ -53,7 +53,7 @@ use opentelemetry::trace::{
 };
 use opentelemetry::{KeyValue, Value};
 use opentelemetry_http::{HeaderExtractor, HttpClient, HttpError};
-use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
+use opentelemetry_otlp::{WithExportConfig, WithTonicConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{BatchSpanProcessor, SdkTracerProvider, Tracer as SdkTracer};
@@ -410,7 +410,8 @@ fn parse_resource_attributes(s: &str) -> Option<Vec<(String, String)>> {
     Some(out)
 }
 
-fn percent_decode(s: &str) -> Option<String> {
+/// `%XX` sequences decoded; `None` for a malformed sequence or a result that is not UTF-8.
+pub(crate) fn percent_decode(s: &str) -> Option<String> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -452,14 +453,17 @@ impl Tracing {
     /// exporter cannot be built.
     pub fn start(cfg: &TraceConfig) -> Result<Self, TelemetryError> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|e| TelemetryError::NoRuntime(e.to_string()))?;
-        let exporter = match cfg.protocol {
-            Protocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
-                .with_http()
-                .with_http_client(ExportClient::new(runtime, cfg.timeout))
-                .with_endpoint(cfg.endpoint.clone())
-                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-                .with_timeout(cfg.timeout)
-                .build(),
+        let processor = match cfg.protocol {
+            Protocol::HttpProtobuf => {
+                let exporter = crate::telemetry_otlp::OtlpHttpExporter::new(
+                    ExportClient::new(runtime, cfg.timeout),
+                    &cfg.endpoint,
+                    cfg.timeout,
+                )
+                .map_err(|e| TelemetryError::Exporter(e.to_string()))?
+                .with_headers(crate::telemetry_otlp::headers_from_env());
+                BatchSpanProcessor::builder(exporter).build()
+            }
             Protocol::Grpc => {
                 let mut b = opentelemetry_otlp::SpanExporter::builder()
                     .with_tonic()
@@ -471,10 +475,10 @@ impl Tracing {
                         opentelemetry_otlp::tonic_types::transport::ClientTlsConfig::new().with_enabled_roots(),
                     );
                 }
-                b.build()
+                let exporter = b.build().map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+                BatchSpanProcessor::builder(exporter).build()
             }
-        }
-        .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+        };
         let mut attrs: Vec<KeyValue> = vec![KeyValue::new("service.version", env!("CARGO_PKG_VERSION"))];
         attrs.extend(
             cfg.resource
@@ -486,7 +490,7 @@ impl Tracing {
             .with_attributes(attrs)
             .build();
         let provider = SdkTracerProvider::builder()
-            .with_span_processor(BatchSpanProcessor::builder(exporter).build())
+            .with_span_processor(processor)
             .with_sampler(cfg.sampler.to_sdk())
             .with_resource(resource)
             .build();
@@ -552,16 +556,18 @@ impl Tracing {
 type ExportConnector = hyper_rustls::HttpsConnector<HttpConnector>;
 
 /// OTLP/HTTP client: the batch processor calls it from its own thread, so each request is
-/// spawned onto the gateway's runtime and awaited through its join handle.
+/// spawned onto the gateway's runtime and awaited through its join handle. Each request is
+/// bounded by the export timeout and its response body by `MAX_EXPORT_RESPONSE`.
 #[derive(Debug)]
-struct ExportClient {
+pub(crate) struct ExportClient {
     client: Client<ExportConnector, Full<Bytes>>,
     runtime: tokio::runtime::Handle,
     timeout: Duration,
 }
 
 impl ExportClient {
-    fn new(runtime: tokio::runtime::Handle, timeout: Duration) -> Self {
+    /// A client running its requests on `runtime`, each bounded by `timeout`.
+    pub(crate) fn new(runtime: tokio::runtime::Handle, timeout: Duration) -> Self {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
