@@ -134,7 +134,7 @@ struct GatewayArgs {
     /// Idle connections to a backend are kept this long for reuse.
     #[arg(long, default_value = "90s")]
     backend_idle_timeout: DurationSpec,
-    /// Idle connections kept per backend address (0: none kept).
+    /// Idle connections kept per backend address and data-plane worker (0: none kept).
     #[arg(long, default_value_t = 1024)]
     backend_max_idle: usize,
     /// Most headers accepted in a backend's response (1 to 256); more fails the request.
@@ -155,6 +155,10 @@ struct GatewayArgs {
     /// Accept queue of the client listener (connections the kernel holds before accept).
     #[arg(long, default_value_t = 4096)]
     listen_backlog: u32,
+    /// Data-plane worker threads, each with its own single-threaded runtime serving the
+    /// connections it accepted (0: one per CPU this process may use, cgroup quota included).
+    #[arg(long, default_value_t = 0, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=1024))]
+    workers: usize,
     /// Serve TLS (wss:// and https) on the client listener with this certificate chain (PEM,
     /// the server certificate first); needs --tls-key.
     #[arg(long, env = "WSGATE_TLS_CERT")]
@@ -315,6 +319,11 @@ async fn gateway(args: GatewayArgs) -> ExitCode {
         max_header_bytes: args.max_header_bytes,
         backend_idle_timeout: args.backend_idle_timeout.get(),
         backend_max_idle_per_host: args.backend_max_idle,
+        workers: if args.workers == 0 {
+            server::workers::default_count()
+        } else {
+            args.workers
+        },
         backend_response_head: wsgate::transport::h1::HeadLimits {
             max_bytes: args.backend_max_response_head_bytes,
             max_headers: args.backend_max_response_headers,
@@ -400,10 +409,19 @@ async fn gateway(args: GatewayArgs) -> ExitCode {
         admin = %args.admin_listen,
         routes = table.load().routes().len(),
         tls = gw.settings.tls.is_some(),
+        workers = gw.settings.workers,
         "wsgate gateway started"
     );
+    // One certificate watcher for every worker's acceptor.
+    let tls_watcher = gw.settings.tls.clone().map(|t| tokio::spawn(t.watch(stop.clone())));
+    let workers = match server::workers::start(gw.settings.workers, listener, &gw, &stop) {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("wsgate: cannot start the data-plane workers: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     admin_state.listening.store(true, std::sync::atomic::Ordering::SeqCst);
-    let server_task = tokio::spawn(server::run(listener, gw.clone(), stop.clone()));
     wsgate::signal::terminated().await;
     tracing::info!("shutdown: readiness off, draining");
     gw.draining.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -412,7 +430,10 @@ async fn gateway(args: GatewayArgs) -> ExitCode {
     if let Some(bridge) = &nats {
         bridge.shutdown().await;
     }
-    let _ = tokio::time::timeout(Duration::from_secs(1), server_task).await;
+    workers.finish(Duration::from_secs(1)).await;
+    if let Some(w) = tls_watcher {
+        let _ = w.await;
+    }
     admin_stop.cancel();
     let _ = admin_task.await;
     tracing::info!("shutdown complete");
@@ -462,6 +483,7 @@ async fn demo(args: DemoArgs) -> ExitCode {
         backend_max_response_headers: 100,
         backend_max_response_head_bytes: 65536,
         listen_backlog: 4096,
+        workers: 0,
         tls_cert: None,
         tls_key: None,
         tls_reload_interval: DurationSpec::from_secs(10),

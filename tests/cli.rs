@@ -129,6 +129,14 @@ fn bad_config_exits_64_naming_the_field() {
         .output()
         .expect("run");
     assert_eq!(out.status.code(), Some(64), "no route source is a configuration error");
+
+    let out = Command::new(BIN)
+        .args(["gateway", "--backend", "http://127.0.0.1:1", "--workers", "5000"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2), "clap refuses an out-of-range value");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--workers") && err.contains("5000"), "{err}");
 }
 
 #[tokio::test]
@@ -145,6 +153,16 @@ async fn healthz_and_readyz() {
 
 #[tokio::test]
 async fn sigterm_drains_clients_with_1001_closes_backends_and_exits_0() {
+    drain_on_sigterm("1").await;
+}
+
+/// Connections accepted by different data-plane workers are all served and drained.
+#[tokio::test]
+async fn several_workers_serve_and_drain_every_connection() {
+    drain_on_sigterm("3").await;
+}
+
+async fn drain_on_sigterm(workers: &str) {
     let backend = Backend::echo().await;
     let mut p = Proc::start(&[
         "--backend",
@@ -153,6 +171,8 @@ async fn sigterm_drains_clients_with_1001_closes_backends_and_exits_0() {
         "200ms",
         "--close-pacing",
         "100ms",
+        "--workers",
+        workers,
     ])
     .await;
     let url = format!("ws://{}/", p.addr);

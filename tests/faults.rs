@@ -407,6 +407,9 @@ async fn drain_1000_clients_zero_loss() {
             "3s",
             "--close-pacing",
             "1s",
+            // Connections spread over several data-plane workers (whatever the machine's CPUs).
+            "--workers",
+            "3",
         ],
         &[],
     )

@@ -118,8 +118,13 @@ pub async fn publish(
     let req = req
         .body(full_body(Bytes::from(build_publish_body(channel, action))))
         .map_err(|e| format!("could not build the request: {e}"))?;
-    let client = BackendPool::new(Duration::from_secs(1), 0, crate::transport::h1::HeadLimits::default())
-        .client(CONNECT_TIMEOUT, None);
+    let client = BackendPool::new(
+        Duration::from_secs(1),
+        0,
+        crate::transport::h1::HeadLimits::default(),
+        0,
+    )
+    .client(CONNECT_TIMEOUT, None);
     let exchange = async {
         let resp = client
             .request(req)

@@ -5,6 +5,7 @@ mod handshake;
 mod proxy;
 mod proxy_h1;
 pub mod tls;
+pub mod workers;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -56,6 +57,10 @@ pub struct GatewaySettings {
     /// Largest request head accepted from a client, in bytes (request line and headers); a
     /// larger one gets `431` before any backend request.
     pub max_header_bytes: usize,
+    /// Data-plane worker threads (`--workers`) that [`workers::start`] runs; the backend pool
+    /// keeps idle sockets per worker. 0: connections are served on the caller's runtime
+    /// ([`run`]).
+    pub workers: usize,
     /// TLS on the client listener (`--tls-cert`/`--tls-key`): every connection starts with a
     /// TLS handshake, bounded by `handshake_timeout`. `None`: plain TCP.
     pub tls: Option<tls::ServerTls>,
@@ -74,6 +79,7 @@ impl Default for GatewaySettings {
             backend_response_head: crate::transport::h1::HeadLimits::default(),
             max_headers: 100,
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            workers: 0,
             tls: None,
         }
     }
@@ -143,6 +149,7 @@ impl Gateway {
                 settings.backend_idle_timeout,
                 settings.backend_max_idle_per_host,
                 settings.backend_response_head,
+                settings.workers,
             ),
             registry: Arc::new(Registry::new()),
             conn_limit: Arc::new(Semaphore::new(settings.max_connections)),
@@ -250,8 +257,18 @@ pub fn text_response(status: StatusCode, body: impl Into<Bytes>) -> Response<Res
 /// then watched for changes until `stop`); WebSocket connections then run in their own
 /// tracked task.
 pub async fn run(listener: TcpListener, gw: Arc<Gateway>, stop: CancellationToken) {
-    let acceptor = gw.settings.tls.as_ref().map(tls::ServerTls::acceptor);
     let watcher = gw.settings.tls.clone().map(|t| tokio::spawn(t.watch(stop.clone())));
+    accept_loop(listener, gw, stop).await;
+    if let Some(w) = watcher {
+        // Ends with `stop`.
+        let _ = w.await;
+    }
+}
+
+/// [`run`] without the certificate watcher: accepts until `stop`, serving every connection in
+/// a tracked task on the current runtime.
+pub(crate) async fn accept_loop(listener: TcpListener, gw: Arc<Gateway>, stop: CancellationToken) {
+    let acceptor = gw.settings.tls.as_ref().map(tls::ServerTls::acceptor);
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -293,10 +310,6 @@ pub async fn run(listener: TcpListener, gw: Arc<Gateway>, stop: CancellationToke
             };
             serve_connection(gw2, TokioIo::new(stream), peer, true, stop).await;
         });
-    }
-    if let Some(w) = watcher {
-        // Ends with `stop`.
-        let _ = w.await;
     }
 }
 

@@ -48,11 +48,12 @@ impl std::fmt::Debug for BackendPool {
 
 impl BackendPool {
     /// A pool keeping idle backend connections for `idle_timeout`, at most
-    /// `max_idle_per_host` per backend; response heads of `http://` backends must fit `head`.
-    pub fn new(idle_timeout: Duration, max_idle_per_host: usize, head: super::h1::HeadLimits) -> Self {
+    /// `max_idle_per_host` per backend (and, for `http://` backends, per data-plane worker of
+    /// `workers`); response heads of `http://` backends must fit `head`.
+    pub fn new(idle_timeout: Duration, max_idle_per_host: usize, head: super::h1::HeadLimits, workers: usize) -> Self {
         Self {
             clients: Arc::new(Mutex::new(HashMap::new())),
-            h1: super::h1::H1Pool::new(idle_timeout, max_idle_per_host, head),
+            h1: super::h1::H1Pool::new(idle_timeout, max_idle_per_host, head, workers),
             idle_timeout,
             max_idle_per_host,
         }

@@ -71,9 +71,22 @@ impl std::hash::Hasher for Fnv {
 
 type IdleMap = HashMap<Box<str>, Vec<Idle>, std::hash::BuildHasherDefault<Fnv>>;
 
-/// Idle keep-alive connections to `http://` backends, by `host:port`.
+std::thread_local! {
+    /// The pool shard of this thread: a data-plane worker's own index, 0 for any other thread.
+    static SHARD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Makes this thread use pool shard `shard` (data-plane workers call it once, with their
+/// index + 1). A socket is registered with the reactor of the runtime that opened it; keeping
+/// idle sockets per thread keeps each one on its own worker's reactor.
+pub fn set_thread_shard(shard: usize) {
+    SHARD.with(|s| s.set(shard));
+}
+
+/// Idle keep-alive connections to `http://` backends, by `host:port`, kept per worker thread
+/// (one shard per data-plane worker, one for every other thread).
 pub struct H1Pool {
-    idle: Mutex<IdleMap>,
+    shards: Box<[Mutex<IdleMap>]>,
     idle_timeout: Duration,
     max_idle_per_host: usize,
     head: HeadLimits,
@@ -102,10 +115,11 @@ pub struct ExchangeLimits {
 
 impl H1Pool {
     /// A pool keeping idle connections for `idle_timeout`, at most `max_idle_per_host` per
-    /// backend address; responses must fit `head`.
-    pub fn new(idle_timeout: Duration, max_idle_per_host: usize, head: HeadLimits) -> Arc<Self> {
+    /// backend address and shard; responses must fit `head`. `workers` data-plane threads get
+    /// a shard each (see [`set_thread_shard`]); every other thread shares one more.
+    pub fn new(idle_timeout: Duration, max_idle_per_host: usize, head: HeadLimits, workers: usize) -> Arc<Self> {
         Arc::new(Self {
-            idle: Mutex::new(IdleMap::default()),
+            shards: (0..=workers).map(|_| Mutex::new(IdleMap::default())).collect(),
             idle_timeout,
             max_idle_per_host,
             head: HeadLimits {
@@ -121,14 +135,17 @@ impl H1Pool {
         self.head
     }
 
-    /// Idle connections currently held (all backends).
+    /// Idle connections currently held (all backends, all shards).
     pub fn idle_count(&self) -> usize {
-        self.lock().values().map(Vec::len).sum()
+        (0..self.shards.len())
+            .map(|i| lock(&self.shards[i]).values().map(Vec::len).sum::<usize>())
+            .sum()
     }
 
+    /// This thread's shard.
     fn lock(&self) -> std::sync::MutexGuard<'_, IdleMap> {
-        // A poisoned lock only means a thread panicked while holding it; the map stays valid.
-        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+        let i = SHARD.with(std::cell::Cell::get) % self.shards.len();
+        lock(&self.shards[i])
     }
 
     /// The most recently used idle connection to `authority` that still looks open.
@@ -174,11 +191,12 @@ impl H1Pool {
     /// Drops connections idle for longer than the idle timeout.
     fn reap(&self) {
         let now = Instant::now();
-        let mut map = self.lock();
-        map.retain(|_, list| {
-            list.retain(|i| now.duration_since(i.since) < self.idle_timeout);
-            !list.is_empty()
-        });
+        for shard in &self.shards {
+            lock(shard).retain(|_, list| {
+                list.retain(|i| now.duration_since(i.since) < self.idle_timeout);
+                !list.is_empty()
+            });
+        }
     }
 
     /// Sends `head` (the complete request head) and `body` to `authority` and reads the whole
@@ -219,6 +237,11 @@ impl H1Pool {
             Err(Failure::Error(e)) => Err(e),
         }
     }
+}
+
+fn lock(shard: &Mutex<IdleMap>) -> std::sync::MutexGuard<'_, IdleMap> {
+    // A poisoned lock only means a thread panicked while holding it; the map stays valid.
+    shard.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn spawn_reaper(pool: Weak<H1Pool>) {
