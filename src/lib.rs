@@ -36,3 +36,4 @@ pub mod signal;
 pub mod telemetry;
 pub mod telemetry_otlp;
 pub mod transport;
+pub mod worker;

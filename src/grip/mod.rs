@@ -70,6 +70,9 @@ pub struct Mailbox {
     waker: futures_util::task::AtomicWaker,
     pending: std::sync::atomic::AtomicBool,
     limit: usize,
+    /// The data-plane worker running the connection's task ([`crate::worker::current`] when
+    /// the mailbox was made).
+    worker: usize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -85,11 +88,22 @@ impl Mailbox {
             waker: futures_util::task::AtomicWaker::new(),
             pending: std::sync::atomic::AtomicBool::new(false),
             limit,
+            worker: crate::worker::current(),
         }
     }
 
-    /// Queues a delivery.
+    /// Queues a delivery and wakes the connection's task.
     pub fn push(&self, d: Delivery) -> PushOutcome {
+        let outcome = self.enqueue(d);
+        if outcome != PushOutcome::Closed {
+            self.signal();
+        }
+        outcome
+    }
+
+    /// [`Self::push`] without the wake: the caller signals unless the outcome is
+    /// [`PushOutcome::Closed`].
+    fn enqueue(&self, d: Delivery) -> PushOutcome {
         let mut g = lock(&self.inner);
         if g.closed {
             return PushOutcome::Closed;
@@ -101,14 +115,10 @@ impl Mailbox {
         let cost = d.cost();
         if g.bytes + cost > self.limit && !g.queue.is_empty() {
             g.overflowed = true;
-            drop(g);
-            self.signal();
             return PushOutcome::Overflow;
         }
         g.bytes += cost;
         g.queue.push_back(d);
-        drop(g);
-        self.signal();
         PushOutcome::Queued
     }
 
@@ -121,6 +131,14 @@ impl Mailbox {
     fn signal(&self) {
         self.pending.store(true, Ordering::Release);
         self.waker.wake();
+    }
+
+    /// [`Self::signal`], handing the task's waker to `relays` when its worker runs one.
+    fn signal_via(&self, relays: &mut RelayBatch<'_>) {
+        self.pending.store(true, Ordering::Release);
+        if let Some(w) = self.waker.take() {
+            relays.wake(self.worker, w);
+        }
     }
 
     /// Ready once something was pushed since the last time it was ready (the signal is kept
@@ -218,10 +236,96 @@ pub struct RegistryStats {
 
 const SHARDS: usize = 16;
 
+/// Wakes the tasks of one data-plane worker on that worker's own thread.
+///
+/// A waker of a task on a single-threaded runtime, woken from another thread, queues the task
+/// remotely and wakes the runtime's thread (a syscall) every time; a publish to thousands of
+/// subscribers would make thousands of them. A publish instead hands each worker its
+/// subscribers' wakers in one batch and wakes the worker's relay task once; the relay, on the
+/// worker's thread, wakes them locally.
+#[derive(Debug, Default)]
+struct WakeRelay {
+    queue: Mutex<Vec<std::task::Waker>>,
+    task: futures_util::task::AtomicWaker,
+    /// Set while the relay task runs (a batch handed to a relay that doesn't run would be
+    /// lost: then wakers are woken directly).
+    running: std::sync::atomic::AtomicBool,
+}
+
+/// Wakers gathered during one publish, by worker.
+struct RelayBatch<'a> {
+    relays: &'a [WakeRelay],
+    batches: Vec<Vec<std::task::Waker>>,
+}
+
+impl<'a> RelayBatch<'a> {
+    fn new(relays: &'a [WakeRelay]) -> Self {
+        Self {
+            relays,
+            batches: Vec::new(),
+        }
+    }
+
+    /// Wakes `w` (a task of worker `worker`) now, or through its worker's relay.
+    fn wake(&mut self, worker: usize, w: std::task::Waker) {
+        match worker
+            .checked_sub(1)
+            .filter(|&i| self.relays.get(i).is_some_and(|r| r.running.load(Ordering::Acquire)))
+        {
+            Some(i) => {
+                if self.batches.len() <= i {
+                    self.batches.resize_with(i + 1, Vec::new);
+                }
+                self.batches[i].push(w);
+            }
+            None => w.wake(),
+        }
+    }
+
+    /// Hands every batch to its relay and wakes each relay once.
+    fn finish(self) {
+        for (relay, batch) in self.relays.iter().zip(self.batches) {
+            if batch.is_empty() {
+                continue;
+            }
+            {
+                let mut q = lock(&relay.queue);
+                if q.is_empty() {
+                    *q = batch;
+                } else {
+                    q.extend(batch);
+                }
+            }
+            relay.task.wake();
+            if !relay.running.load(Ordering::Acquire) {
+                // The relay stopped meanwhile (its runtime is ending): wake them here.
+                for w in std::mem::take(&mut *lock(&relay.queue)) {
+                    w.wake();
+                }
+            }
+        }
+    }
+}
+
+/// Marks a relay stopped when its task ends or is dropped.
+struct RelayRunning<'a>(&'a WakeRelay);
+
+impl Drop for RelayRunning<'_> {
+    fn drop(&mut self) {
+        self.0.running.store(false, Ordering::Release);
+        // Wakers handed over after the last poll: wake them directly.
+        for w in std::mem::take(&mut *lock(&self.0.queue)) {
+            w.wake();
+        }
+    }
+}
+
 /// All live connections and channel subscriptions of this replica.
 pub struct Registry {
     conns: Vec<Mutex<HashMap<String, Arc<ConnHandle>>>>,
     channels: Mutex<HashMap<String, HashMap<String, Subscriber>>>,
+    /// One per data-plane worker (index = worker - 1).
+    relays: Box<[WakeRelay]>,
     /// Counters.
     pub stats: RegistryStats,
 }
@@ -251,11 +355,37 @@ fn shard_of(id: &str) -> usize {
 impl Registry {
     /// An empty registry.
     pub fn new() -> Self {
+        Self::with_workers(0)
+    }
+
+    /// An empty registry with a wake relay for each of `workers` data-plane workers (each
+    /// worker runs its relay with [`Self::wake_relay`]).
+    pub fn with_workers(workers: usize) -> Self {
         Self {
             conns: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             channels: Mutex::new(HashMap::new()),
+            relays: (0..workers).map(|_| WakeRelay::default()).collect(),
             stats: RegistryStats::default(),
         }
+    }
+
+    /// Runs worker `worker`'s wake relay (see `WakeRelay`): a task on that worker's runtime
+    /// that never ends by itself. Returns at once for an unknown worker.
+    pub async fn wake_relay(&self, worker: usize) {
+        let Some(relay) = worker.checked_sub(1).and_then(|i| self.relays.get(i)) else {
+            return;
+        };
+        relay.running.store(true, Ordering::Release);
+        let _running = RelayRunning(relay);
+        std::future::poll_fn(|cx| {
+            relay.task.register(cx.waker());
+            let batch = std::mem::take(&mut *lock(&relay.queue));
+            for w in batch {
+                w.wake();
+            }
+            std::task::Poll::<()>::Pending
+        })
+        .await;
     }
 
     /// Registers a connection and returns its handle.
@@ -380,16 +510,122 @@ impl Registry {
                 .collect()
         };
         let mut n = 0;
+        let mut wakes = RelayBatch::new(&self.relays);
         for c in targets {
-            match c.mailbox.push(d.clone()) {
-                PushOutcome::Queued => n += 1,
+            match c.mailbox.enqueue(d.clone()) {
+                PushOutcome::Queued => {
+                    n += 1;
+                    c.mailbox.signal_via(&mut wakes);
+                }
                 PushOutcome::Overflow => {
                     self.stats.slow_consumer_drops.fetch_add(1, Ordering::Relaxed);
+                    c.mailbox.signal_via(&mut wakes);
                 }
                 PushOutcome::Closed => {}
             }
         }
+        wakes.finish();
         self.stats.delivered.fetch_add(n as u64, Ordering::Relaxed);
         n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn text(s: &'static str) -> Delivery {
+        Delivery::Message(Message::Text(bytes::Bytes::from_static(s.as_bytes())))
+    }
+
+    /// A connection registered on worker thread `worker` of `registry`, whose task (on that
+    /// thread's single-threaded runtime) reports each delivery it takes from its mailbox; with
+    /// `relay`, the worker runs its wake relay. Returns the handle and the deliveries.
+    fn worker_connection(
+        registry: &Arc<Registry>,
+        worker: usize,
+        relay: bool,
+    ) -> (Arc<ConnHandle>, std::sync::mpsc::Receiver<Delivery>) {
+        let (handle_tx, handle_rx) = std::sync::mpsc::channel();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let registry = registry.clone();
+        std::thread::spawn(move || {
+            crate::worker::set_current(worker);
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                if relay {
+                    let r = registry.clone();
+                    tokio::spawn(async move { r.wake_relay(worker).await });
+                    tokio::task::yield_now().await;
+                }
+                let handle = registry.register(format!("c{worker}"), "r".into(), 1 << 20);
+                assert_eq!(handle.mailbox.worker, worker);
+                registry.subscribe(&handle, "news", &[]);
+                handle_tx.send(handle.clone()).expect("send handle");
+                let mut out = Vec::new();
+                loop {
+                    handle.mailbox.notified().await;
+                    handle.mailbox.drain(&mut out);
+                    for d in out.drain(..) {
+                        if tx.send(d).is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        });
+        (handle_rx.recv().expect("handle"), rx)
+    }
+
+    #[test]
+    fn publishes_from_another_thread_reach_connections_on_workers_with_and_without_a_relay() {
+        let registry = Arc::new(Registry::with_workers(2));
+        let (_a, a) = worker_connection(&registry, 1, true);
+        let (_b, b) = worker_connection(&registry, 2, false);
+        assert!(
+            registry.relays[0].running.load(Ordering::Acquire),
+            "worker 1 runs its relay"
+        );
+        assert!(!registry.relays[1].running.load(Ordering::Acquire));
+        for (i, s) in ["one", "two", "three"].into_iter().enumerate() {
+            assert_eq!(registry.publish("news", &BTreeMap::new(), &text(s)), 2, "publish {i}");
+            let wait = Duration::from_secs(10);
+            assert_eq!(a.recv_timeout(wait).expect("worker 1 woken (relay)"), text(s));
+            assert_eq!(b.recv_timeout(wait).expect("worker 2 woken (directly)"), text(s));
+        }
+        assert_eq!(registry.stats.delivered.load(Ordering::Relaxed), 6);
+    }
+
+    #[test]
+    fn a_stopped_relay_hands_back_to_direct_wakes() {
+        let registry = Arc::new(Registry::with_workers(1));
+        let relay = &registry.relays[0];
+        relay.running.store(true, Ordering::Release);
+        let woken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        struct Count(Arc<std::sync::atomic::AtomicUsize>);
+        impl std::task::Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let waker = std::task::Waker::from(Arc::new(Count(woken.clone())));
+        // Handed over while the relay looked running, but nobody polls it: the guard of a
+        // relay that ends wakes what is left.
+        let mut batch = RelayBatch::new(&registry.relays);
+        batch.wake(1, waker.clone());
+        batch.finish();
+        assert_eq!(woken.load(Ordering::SeqCst), 0, "queued for the relay");
+        drop(RelayRunning(relay));
+        assert_eq!(woken.load(Ordering::SeqCst), 1, "woken when the relay stopped");
+        // Once stopped, wakers are woken at once.
+        let mut batch = RelayBatch::new(&registry.relays);
+        batch.wake(1, waker);
+        assert_eq!(woken.load(Ordering::SeqCst), 2);
+        batch.finish();
+        assert!(lock(&relay.queue).is_empty());
     }
 }

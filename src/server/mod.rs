@@ -151,7 +151,7 @@ impl Gateway {
                 settings.backend_response_head,
                 settings.workers,
             ),
-            registry: Arc::new(Registry::new()),
+            registry: Arc::new(Registry::with_workers(settings.workers)),
             conn_limit: Arc::new(Semaphore::new(settings.max_connections)),
             settings,
             stats: GatewayStats::default(),

@@ -22,7 +22,6 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use super::Gateway;
-use crate::transport::h1;
 
 /// The running workers.
 #[derive(Debug)]
@@ -59,8 +58,8 @@ pub fn start(n: usize, listener: TcpListener, gw: &Arc<Gateway>, stop: &Cancella
         let thread = std::thread::Builder::new()
             .name(format!("wsgate-worker-{i}"))
             .spawn(move || {
-                h1::set_thread_shard(i + 1);
-                rt.block_on(serve(listener, gw, stop));
+                crate::worker::set_current(i + 1);
+                rt.block_on(serve(i + 1, listener, gw, stop));
                 let _ = tx.send(());
             })?;
         workers.done.push(rx);
@@ -69,7 +68,10 @@ pub fn start(n: usize, listener: TcpListener, gw: &Arc<Gateway>, stop: &Cancella
     Ok(workers)
 }
 
-async fn serve(listener: StdListener, gw: Arc<Gateway>, stop: CancellationToken) {
+async fn serve(index: usize, listener: StdListener, gw: Arc<Gateway>, stop: CancellationToken) {
+    // Publishes from other threads wake this worker's connections through its relay.
+    let registry = gw.registry.clone();
+    tokio::spawn(async move { registry.wake_relay(index).await });
     match TcpListener::from_std(listener) {
         Ok(listener) => super::accept_loop(listener, gw.clone(), stop).await,
         Err(e) => {

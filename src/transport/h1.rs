@@ -71,20 +71,10 @@ impl std::hash::Hasher for Fnv {
 
 type IdleMap = HashMap<Box<str>, Vec<Idle>, std::hash::BuildHasherDefault<Fnv>>;
 
-std::thread_local! {
-    /// The pool shard of this thread: a data-plane worker's own index, 0 for any other thread.
-    static SHARD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
-}
-
-/// Makes this thread use pool shard `shard` (data-plane workers call it once, with their
-/// index + 1). A socket is registered with the reactor of the runtime that opened it; keeping
-/// idle sockets per thread keeps each one on its own worker's reactor.
-pub fn set_thread_shard(shard: usize) {
-    SHARD.with(|s| s.set(shard));
-}
-
 /// Idle keep-alive connections to `http://` backends, by `host:port`, kept per worker thread
-/// (one shard per data-plane worker, one for every other thread).
+/// (one shard per data-plane worker, one for every other thread: [`crate::worker::current`]). A
+/// socket is registered with the reactor of the runtime that opened it; keeping idle sockets
+/// per thread keeps each one on its own worker's reactor.
 pub struct H1Pool {
     shards: Box<[Mutex<IdleMap>]>,
     idle_timeout: Duration,
@@ -116,7 +106,7 @@ pub struct ExchangeLimits {
 impl H1Pool {
     /// A pool keeping idle connections for `idle_timeout`, at most `max_idle_per_host` per
     /// backend address and shard; responses must fit `head`. `workers` data-plane threads get
-    /// a shard each (see [`set_thread_shard`]); every other thread shares one more.
+    /// a shard each; every other thread shares one more.
     pub fn new(idle_timeout: Duration, max_idle_per_host: usize, head: HeadLimits, workers: usize) -> Arc<Self> {
         Arc::new(Self {
             shards: (0..=workers).map(|_| Mutex::new(IdleMap::default())).collect(),
@@ -144,7 +134,7 @@ impl H1Pool {
 
     /// This thread's shard.
     fn lock(&self) -> std::sync::MutexGuard<'_, IdleMap> {
-        let i = SHARD.with(std::cell::Cell::get) % self.shards.len();
+        let i = crate::worker::current() % self.shards.len();
         lock(&self.shards[i])
     }
 
