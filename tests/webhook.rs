@@ -24,7 +24,8 @@ use tokio_util::sync::CancellationToken;
 
 use wsgate::controller::webhook::{
     BootstrapConfig, BootstrapError, CertBundle, CertManager, CertMode, CertStore, InjectConfig, InjectDefaults,
-    Injector, SidecarMode, SidecarModeArg, WebhookConfig, bootstrap::SecretAction, certs, run_webhook_on, server,
+    Injector, SidecarMode, SidecarModeArg, WebhookConfig, Workers, bootstrap::SecretAction, certs, run_webhook_on,
+    server,
 };
 
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -41,6 +42,7 @@ fn inject_config() -> InjectConfig {
             cpu_limit: None,
             memory: "64Mi".parse().expect("q"),
             memory_limit: None,
+            workers: Workers::SIDECAR_DEFAULT,
             log_level: "info".to_owned(),
             sidecar_mode: SidecarMode::Native,
             admin_token_secret: Some("gw-admin".to_owned()),
@@ -954,10 +956,12 @@ fn injected_command_lines_match_the_gateway_cli() {
     };
     let (_, global_help) = help(&["--help"]);
     let (_, gateway_help) = help(&["gateway", "--help"]);
-    for annotations in [
-        json!({}),
-        json!({"wsgate.io/target-port": "3000"}),
-        json!({"wsgate.io/admin-token-secret": "admin"}),
+    for (annotations, workers) in [
+        (json!({}), "2"),
+        (json!({"wsgate.io/target-port": "3000"}), "2"),
+        (json!({"wsgate.io/admin-token-secret": "admin"}), "2"),
+        (json!({"wsgate.io/workers": "auto"}), "0"),
+        (json!({"wsgate.io/workers": "1024"}), "1024"),
     ] {
         let object = pod(annotations);
         let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(object.clone()).expect("pod");
@@ -974,6 +978,8 @@ fn injected_command_lines_match_the_gateway_cli() {
             .filter_map(Value::as_str)
             .collect();
         assert_eq!(args[0], "gateway");
+        let at = args.iter().position(|a| *a == "--workers").expect("--workers");
+        assert_eq!(args.get(at + 1), Some(&workers), "{args:?}");
         // clap refuses unknown arguments before acting on --help.
         let mut with_help = args.clone();
         with_help.push("--help");

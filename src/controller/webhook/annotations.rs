@@ -30,6 +30,9 @@ pub const ANNOTATION_CPU_LIMIT: &str = "wsgate.io/cpu-limit";
 pub const ANNOTATION_MEMORY: &str = "wsgate.io/memory";
 /// Memory limit of the sidecar.
 pub const ANNOTATION_MEMORY_LIMIT: &str = "wsgate.io/memory-limit";
+/// Data-plane worker threads of the sidecar (its `--workers`): `1`…`1024`, or `auto` (or `0`)
+/// for one per CPU the sidecar may use (its CPU limit, else every CPU of the node).
+pub const ANNOTATION_WORKERS: &str = "wsgate.io/workers";
 /// Log filter of the sidecar (tracing `EnvFilter` syntax: `info`, `wsgate=debug`).
 pub const ANNOTATION_LOG_LEVEL: &str = "wsgate.io/log-level";
 /// `native` (init container with `restartPolicy: Always`) or `container`.
@@ -48,6 +51,7 @@ pub const KNOWN_ANNOTATIONS: &[&str] = &[
     ANNOTATION_CPU_LIMIT,
     ANNOTATION_MEMORY,
     ANNOTATION_MEMORY_LIMIT,
+    ANNOTATION_WORKERS,
     ANNOTATION_LOG_LEVEL,
     ANNOTATION_SIDECAR_MODE,
     ANNOTATION_ADMIN_TOKEN_SECRET,
@@ -178,6 +182,67 @@ impl FromStr for Quantity {
     }
 }
 
+/// The data-plane worker count of a sidecar: the gateway's `--workers`.
+///
+/// Either a fixed count (1 to [`Workers::MAX`]) or [`Workers::AUTO`]: the gateway's own
+/// default, one worker per CPU the process may use. That honours a CPU limit (the cgroup quota)
+/// but, without one, means every CPU of the node: 64 workers for a sidecar with a `50m` request
+/// on a large node. Hence the webhook's default of [`Workers::SIDECAR_DEFAULT`], as Istio gives
+/// Envoy sidecars a `concurrency` of 2.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Workers(u16);
+
+impl Workers {
+    /// As many workers as the gateway finds CPUs for (`--workers 0`).
+    pub const AUTO: Self = Self(0);
+    /// The webhook's default for sidecars.
+    pub const SIDECAR_DEFAULT: Self = Self(2);
+    /// The largest count the gateway accepts.
+    pub const MAX: u16 = 1024;
+
+    /// `count` workers, `0` meaning [`Workers::AUTO`]; `None` above [`Workers::MAX`].
+    pub const fn new(count: u16) -> Option<Self> {
+        if count <= Self::MAX { Some(Self(count)) } else { None }
+    }
+
+    /// The fixed count, `None` for [`Workers::AUTO`].
+    pub const fn count(self) -> Option<u16> {
+        if self.0 == 0 { None } else { Some(self.0) }
+    }
+
+    /// The value of the gateway's `--workers` (`0` for [`Workers::AUTO`]).
+    pub const fn as_arg(self) -> u16 {
+        self.0
+    }
+}
+
+impl fmt::Display for Workers {
+    /// `auto` or the count, as the annotation is written.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.count() {
+            None => f.write_str("auto"),
+            Some(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+impl FromStr for Workers {
+    type Err = String;
+
+    /// `auto` or `0` (as many as the CPU limit allows), or a count from 1 to [`Workers::MAX`].
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "auto" {
+            return Ok(Self::AUTO);
+        }
+        let bad = || format!("is not a worker count (1-{}, or auto)", Self::MAX);
+        // At most four digits: no sign, no spaces, and no overflow before the range check.
+        if s.is_empty() || s.len() > 4 || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad());
+        }
+        s.parse::<u16>().ok().and_then(Self::new).ok_or_else(bad)
+    }
+}
+
 /// Whether `s` is a DNS-1123 subdomain (the rule for Secret names).
 pub(crate) fn is_dns1123_subdomain(s: &str) -> bool {
     !s.is_empty()
@@ -214,6 +279,8 @@ pub struct InjectDefaults {
     pub memory: Quantity,
     /// Memory limit (`None`: equal to the request).
     pub memory_limit: Option<Quantity>,
+    /// Data-plane worker threads.
+    pub workers: Workers,
     /// Log filter.
     pub log_level: String,
     /// Sidecar mode when the pod doesn't choose.
@@ -239,6 +306,8 @@ pub struct PodOptions {
     pub memory: Quantity,
     /// Memory limit.
     pub memory_limit: Quantity,
+    /// Data-plane worker threads (the gateway's `--workers`).
+    pub workers: Workers,
     /// Log filter.
     pub log_level: String,
     /// Sidecar mode.
@@ -320,6 +389,7 @@ impl PodOptions {
         let cpu_limit = get(ANNOTATION_CPU_LIMIT, &quantity_ok);
         let memory = get(ANNOTATION_MEMORY, &memory_ok);
         let memory_limit = get(ANNOTATION_MEMORY_LIMIT, &memory_ok);
+        let workers = get(ANNOTATION_WORKERS, &|s| s.parse::<Workers>().map(|_| ()));
         let log_level = get(ANNOTATION_LOG_LEVEL, &check_log_level);
         let mode = get(ANNOTATION_SIDECAR_MODE, &|s| s.parse::<SidecarMode>().map(|_| ()));
         let secret = get(ANNOTATION_ADMIN_TOKEN_SECRET, &|s| {
@@ -361,6 +431,7 @@ impl PodOptions {
                 .or_else(|| defaults.cpu_limit.clone()),
             memory,
             memory_limit,
+            workers: workers.and_then(|w| w.parse().ok()).unwrap_or(defaults.workers),
             log_level: log_level.unwrap_or_else(|| defaults.log_level.clone()),
             sidecar_mode: mode
                 .as_deref()
@@ -431,6 +502,7 @@ mod tests {
             cpu_limit: None,
             memory: "64Mi".parse().expect("q"),
             memory_limit: Some("128Mi".parse().expect("q")),
+            workers: Workers::SIDECAR_DEFAULT,
             log_level: "info".into(),
             sidecar_mode: SidecarMode::Native,
             admin_token_secret: None,
@@ -559,6 +631,92 @@ mod tests {
             warnings[0],
             "wsgate: unknown annotation wsgate.io/targetport is ignored"
         );
+    }
+
+    #[test]
+    fn worker_counts_parse_with_auto_and_zero_alike() {
+        for (text, arg) in [("1", 1), ("2", 2), ("16", 16), ("1024", 1024), ("auto", 0), ("0", 0)] {
+            let w: Workers = text.parse().unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert_eq!(w.as_arg(), arg, "{text}");
+        }
+        assert_eq!("0".parse::<Workers>(), Ok(Workers::AUTO));
+        assert_eq!(Workers::AUTO.count(), None);
+        assert_eq!(Workers::SIDECAR_DEFAULT.count(), Some(2));
+        assert_eq!(Workers::new(1024).map(Workers::as_arg), Some(1024));
+        assert_eq!(Workers::new(1025), None);
+        // Display round-trips through parsing.
+        for w in [
+            Workers::AUTO,
+            Workers::SIDECAR_DEFAULT,
+            Workers::new(1024).expect("in range"),
+        ] {
+            assert_eq!(w.to_string().parse::<Workers>(), Ok(w));
+        }
+        assert_eq!(Workers::AUTO.to_string(), "auto");
+        for bad in [
+            "",
+            "lots",
+            "1025",
+            "9999",
+            "65536",
+            "99999999999",
+            "-1",
+            "+2",
+            " 2",
+            "2 ",
+            "2.0",
+            "0x10",
+            "AUTO",
+            "two",
+        ] {
+            assert_eq!(
+                bad.parse::<Workers>(),
+                Err("is not a worker count (1-1024, or auto)".to_owned()),
+                "{bad:?} should be refused"
+            );
+        }
+    }
+
+    #[test]
+    fn workers_annotation_overrides_the_default() {
+        let (o, _) = PodOptions::from_annotations(&BTreeMap::new(), &defaults()).expect("ok");
+        assert_eq!(o.workers, Workers::SIDECAR_DEFAULT);
+        for (text, arg) in [("8", 8), ("1", 1), ("auto", 0), ("0", 0)] {
+            let a = annotations(&[(ANNOTATION_WORKERS, text)]);
+            let (o, warnings) = PodOptions::from_annotations(&a, &defaults()).expect("ok");
+            assert_eq!(o.workers.as_arg(), arg, "{text}");
+            assert!(warnings.is_empty(), "{ANNOTATION_WORKERS} is a known annotation");
+        }
+        // A webhook default of auto is kept when the pod says nothing.
+        let mut d = defaults();
+        d.workers = Workers::AUTO;
+        let (o, _) = PodOptions::from_annotations(&BTreeMap::new(), &d).expect("ok");
+        assert_eq!(o.workers, Workers::AUTO);
+    }
+
+    #[test]
+    fn bad_worker_counts_are_refused_with_the_others() {
+        let a = annotations(&[(ANNOTATION_WORKERS, "lots"), (ANNOTATION_CPU, "fast")]);
+        let errors = PodOptions::from_annotations(&a, &defaults()).expect_err("bad");
+        let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert_eq!(text.len(), 2, "{text:#?}");
+        assert!(text[0].starts_with(r#"wsgate.io/cpu: "fast""#), "{text:#?}");
+        assert_eq!(
+            text[1],
+            r#"wsgate.io/workers: "lots" is not a worker count (1-1024, or auto)"#
+        );
+        for bad in ["1025", "-2", "2.5", ""] {
+            let a = annotations(&[(ANNOTATION_WORKERS, bad)]);
+            let errors = PodOptions::from_annotations(&a, &defaults()).expect_err(bad);
+            assert_eq!(
+                errors,
+                [AnnotationError {
+                    annotation: ANNOTATION_WORKERS.to_owned(),
+                    value: bad.to_owned(),
+                    reason: "is not a worker count (1-1024, or auto)".to_owned(),
+                }]
+            );
+        }
     }
 
     #[test]

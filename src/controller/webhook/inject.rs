@@ -8,8 +8,8 @@
 //! - the `wsgate-gateway` container: a native sidecar (appended to `initContainers`, with
 //!   `restartPolicy: Always` and a `startupProbe`, so it starts after the pod's own init
 //!   containers and before the app) or a regular container (appended to `containers`);
-//! - its command line `gateway --listen 0.0.0.0:PORT --admin-listen 0.0.0.0:ADMIN` and then
-//!   either `--control-url URL` (routes from the `WebSocketRoute`s whose `workloadSelector`
+//! - its command line `gateway --listen 0.0.0.0:PORT --admin-listen 0.0.0.0:ADMIN --workers N`
+//!   (`wsgate.io/workers` or the webhook's default; `0` for `auto`) and then either `--control-url URL` (routes from the `WebSocketRoute`s whose `workloadSelector`
 //!   matches the pod) or, when the pod sets `wsgate.io/target-port`, `--backend
 //!   http://127.0.0.1:TARGET` (one catch-all route to the app, no control API; the gateway
 //!   refuses both together), plus `--admin-allow-unauthenticated` without an admin token;
@@ -380,6 +380,10 @@ impl Injector {
             format!("0.0.0.0:{}", o.port),
             "--admin-listen".to_owned(),
             format!("0.0.0.0:{}", o.admin_port),
+            // Always explicit: the gateway's own default (one per CPU it may use) means every
+            // CPU of the node for a sidecar without a CPU limit.
+            "--workers".to_owned(),
+            o.workers.as_arg().to_string(),
         ];
         match (o.target_port, &self.config.control_url) {
             (Some(target), _) => args.extend(["--backend".to_owned(), format!("http://127.0.0.1:{target}")]),

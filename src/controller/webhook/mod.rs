@@ -38,7 +38,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub use annotations::{InjectDefaults, PodOptions, Quantity, SidecarMode};
+pub use annotations::{InjectDefaults, PodOptions, Quantity, SidecarMode, Workers};
 pub use bootstrap::{BootstrapConfig, BootstrapError, CertManager, CertMode};
 pub use certs::{CertBundle, CertStore, TlsError};
 pub use inject::{InjectConfig, Injector, Outcome, Skip};
@@ -151,6 +151,11 @@ pub struct WebhookArgs {
     /// Default memory limit (`wsgate.io/memory-limit`); the request unless given.
     #[arg(long)]
     pub inject_memory_limit: Option<String>,
+    /// Default data-plane worker threads of sidecars (`wsgate.io/workers`): 1-1024, or `auto`
+    /// (`0`) for one per CPU the sidecar may use, which is every CPU of the node without a CPU
+    /// limit.
+    #[arg(long, default_value_t = Workers::SIDECAR_DEFAULT)]
+    pub inject_workers: Workers,
     /// Default log filter of sidecars (`wsgate.io/log-level`).
     #[arg(long, default_value = "info")]
     pub inject_log_level: String,
@@ -307,6 +312,7 @@ impl WebhookArgs {
             cpu_limit: cpu_limit.flatten(),
             memory,
             memory_limit: memory_limit.flatten(),
+            workers: self.inject_workers,
             log_level: self.inject_log_level.clone(),
             sidecar_mode: match self.inject_sidecar_mode {
                 SidecarModeArg::Native => SidecarMode::Native,
@@ -521,6 +527,22 @@ mod tests {
         assert_eq!(config.bootstrap.server_name(), "wsgate-controller.ops.svc");
         assert_eq!(config.bootstrap.mode, CertMode::Generate);
         assert_eq!(config.inject.image, DEFAULT_IMAGE);
+        assert_eq!(config.inject.defaults.workers, Workers::SIDECAR_DEFAULT);
+        assert_eq!(config.inject.defaults.workers.as_arg(), 2);
+    }
+
+    #[test]
+    fn inject_workers_takes_a_count_or_auto() {
+        for (value, arg) in [("8", 8), ("1024", 1024), ("auto", 0), ("0", 0)] {
+            let config = parse(&["--inject-workers", value]).expect("config");
+            assert_eq!(config.inject.defaults.workers.as_arg(), arg, "{value}");
+        }
+        for bad in ["1025", "lots", "-1"] {
+            let flag = format!("--inject-workers={bad}");
+            let e = parse(&[&flag]).expect_err(bad);
+            assert!(e.contains("--inject-workers"), "{e}");
+            assert!(e.contains("is not a worker count (1-1024, or auto)"), "{e}");
+        }
     }
 
     #[test]

@@ -8,7 +8,7 @@ use base64::Engine as _;
 use serde_json::{Value, json};
 
 use super::*;
-use crate::controller::webhook::annotations::Quantity;
+use crate::controller::webhook::annotations::{ANNOTATION_WORKERS, Quantity, Workers};
 
 fn q(s: &str) -> Quantity {
     s.parse().expect("quantity")
@@ -23,6 +23,7 @@ fn config() -> InjectConfig {
             cpu_limit: None,
             memory: q("64Mi"),
             memory_limit: Some(q("128Mi")),
+            workers: Workers::SIDECAR_DEFAULT,
             log_level: "info".to_owned(),
             sidecar_mode: SidecarMode::Native,
             admin_token_secret: None,
@@ -117,6 +118,8 @@ fn fresh_pod_gets_a_native_sidecar() {
             "0.0.0.0:8880",
             "--admin-listen",
             "0.0.0.0:9090",
+            "--workers",
+            "2",
             "--control-url",
             "http://wsgate-controller.wsgate-system.svc:8081",
             "--admin-allow-unauthenticated"
@@ -218,6 +221,68 @@ fn container_mode_appends_a_regular_container() {
     assert_eq!((secret.name.as_str(), secret.key.as_str()), ("chat-admin", "token"));
     let annotations = patched.metadata.annotations.expect("annotations");
     assert_eq!(annotations[DEFAULT_CONTAINER_ANNOTATION], "app");
+}
+
+/// The sidecar's arguments after injecting `original` with `injector`.
+fn sidecar_args(injector: &Injector, original: &Value) -> Vec<String> {
+    let patched = pod(apply(original, &injector.decide("chat", &pod(original.clone()))));
+    let spec = patched.spec.expect("spec");
+    let sidecar = spec
+        .init_containers
+        .into_iter()
+        .flatten()
+        .chain(spec.containers)
+        .find(|c| c.name == CONTAINER_NAME)
+        .expect("sidecar");
+    sidecar.args.expect("args")
+}
+
+/// The value following `--workers`, which must appear exactly once.
+fn workers_arg(args: &[String]) -> &str {
+    let at: Vec<usize> = (0..args.len()).filter(|&i| args[i] == "--workers").collect();
+    assert_eq!(at.len(), 1, "one --workers in {args:?}");
+    args.get(at[0] + 1).map(String::as_str).expect("--workers has a value")
+}
+
+#[test]
+fn workers_come_from_the_annotation_or_the_webhook_default() {
+    let injector = Injector::new(config());
+    assert_eq!(workers_arg(&sidecar_args(&injector, &app_pod())), "2");
+    for (annotation, arg) in [("6", "6"), ("1024", "1024"), ("auto", "0"), ("0", "0")] {
+        let mut original = app_pod();
+        original["metadata"]["annotations"] = json!({ANNOTATION_WORKERS: annotation});
+        assert_eq!(workers_arg(&sidecar_args(&injector, &original)), arg, "{annotation}");
+    }
+    // Static-route and container-mode sidecars get it too.
+    let mut original = app_pod();
+    original["metadata"]["annotations"] = json!({
+        "wsgate.io/target-port": "3000",
+        "wsgate.io/sidecar-mode": "container",
+        ANNOTATION_WORKERS: "3",
+    });
+    assert_eq!(workers_arg(&sidecar_args(&injector, &original)), "3");
+
+    let mut cfg = config();
+    cfg.defaults.workers = Workers::AUTO;
+    let injector = Injector::new(cfg);
+    assert_eq!(workers_arg(&sidecar_args(&injector, &app_pod())), "0");
+    let mut original = app_pod();
+    original["metadata"]["annotations"] = json!({ANNOTATION_WORKERS: "4"});
+    assert_eq!(workers_arg(&sidecar_args(&injector, &original)), "4");
+}
+
+#[test]
+fn a_bad_workers_annotation_is_denied() {
+    let injector = Injector::new(config());
+    let mut original = app_pod();
+    original["metadata"]["annotations"] = json!({ANNOTATION_WORKERS: "lots"});
+    let Outcome::Deny(message) = injector.decide("chat", &pod(original)) else {
+        panic!("expected a denial");
+    };
+    assert_eq!(
+        message,
+        r#"wsgate sidecar injection refused: wsgate.io/workers: "lots" is not a worker count (1-1024, or auto)"#
+    );
 }
 
 #[test]
