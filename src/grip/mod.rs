@@ -216,9 +216,20 @@ impl ConnHandle {
     }
 }
 
+#[derive(Clone)]
 struct Subscriber {
     conn: Arc<ConnHandle>,
-    filters: Vec<Filter>,
+    filters: Arc<[Filter]>,
+}
+
+/// One channel's local subscribers.
+#[derive(Default)]
+struct Channel {
+    subs: HashMap<String, Subscriber>,
+    /// The subscribers as a publish walks them: made by the first publish after a change and
+    /// shared by the publishes after it, which then neither copy the list nor hold the lock
+    /// while delivering.
+    snapshot: Option<Arc<[Subscriber]>>,
 }
 
 /// Counters of the registry.
@@ -323,7 +334,7 @@ impl Drop for RelayRunning<'_> {
 /// All live connections and channel subscriptions of this replica.
 pub struct Registry {
     conns: Vec<Mutex<HashMap<String, Arc<ConnHandle>>>>,
-    channels: Mutex<HashMap<String, HashMap<String, Subscriber>>>,
+    channels: Mutex<HashMap<String, Channel>>,
     /// One per data-plane worker (index = worker - 1).
     relays: Box<[WakeRelay]>,
     /// Counters.
@@ -445,28 +456,30 @@ impl Registry {
     pub fn subscribe(&self, conn: &Arc<ConnHandle>, channel: &str, filters: &[String]) -> bool {
         let filters = filters.iter().filter_map(|f| Filter::parse(f)).collect();
         let mut ch = lock(&self.channels);
-        let subs = ch.entry(channel.to_owned()).or_default();
-        let first = subs.is_empty();
-        subs.insert(
+        let channel = ch.entry(channel.to_owned()).or_default();
+        let first = channel.subs.is_empty();
+        channel.subs.insert(
             conn.id.clone(),
             Subscriber {
                 conn: conn.clone(),
                 filters,
             },
         );
+        channel.snapshot = None;
         first
     }
 
     /// Unsubscribes; returns true when the channel has no local subscriber left.
     pub fn unsubscribe(&self, conn_id: &str, channel: &str) -> bool {
         let mut ch = lock(&self.channels);
-        let Some(subs) = ch.get_mut(channel) else {
+        let Some(c) = ch.get_mut(channel) else {
             return false;
         };
-        if subs.remove(conn_id).is_none() {
+        if c.subs.remove(conn_id).is_none() {
             return false;
         }
-        if subs.is_empty() {
+        c.snapshot = None;
+        if c.subs.is_empty() {
             ch.remove(channel);
             return true;
         }
@@ -480,46 +493,44 @@ impl Registry {
 
     /// Number of subscriptions across channels.
     pub fn subscription_count(&self) -> usize {
-        lock(&self.channels).values().map(HashMap::len).sum()
+        lock(&self.channels).values().map(|c| c.subs.len()).sum()
     }
 
     /// Delivers to every local subscriber of `channel` that its filters allow; returns how
     /// many connections got it.
     pub fn publish(&self, channel: &str, item_meta: &BTreeMap<String, String>, d: &Delivery) -> usize {
         self.stats.published.fetch_add(1, Ordering::Relaxed);
-        let targets: Vec<Arc<ConnHandle>> = {
-            let ch = lock(&self.channels);
-            let Some(subs) = ch.get(channel) else {
+        let subs = {
+            let mut ch = lock(&self.channels);
+            let Some(c) = ch.get_mut(channel) else {
                 return 0;
             };
-            subs.values()
-                .filter(|s| {
-                    if s.filters.is_empty() {
-                        return true;
-                    }
-                    let info = lock(&s.conn.info);
-                    let is_subscribed = |c: &str| info.channels.iter().any(|x| x == c);
-                    let ok = filters_allow(&s.filters, &info.sub_meta, item_meta, &is_subscribed);
-                    drop(info);
-                    if !ok {
-                        self.stats.filtered.fetch_add(1, Ordering::Relaxed);
-                    }
-                    ok
-                })
-                .map(|s| s.conn.clone())
-                .collect()
+            c.snapshot
+                .get_or_insert_with(|| c.subs.values().cloned().collect())
+                .clone()
         };
         let mut n = 0;
         let mut wakes = RelayBatch::new(&self.relays);
-        for c in targets {
-            match c.mailbox.enqueue(d.clone()) {
+        for s in subs.iter() {
+            if !s.filters.is_empty() {
+                let info = lock(&s.conn.info);
+                let is_subscribed = |c: &str| info.channels.iter().any(|x| x == c);
+                let ok = filters_allow(&s.filters, &info.sub_meta, item_meta, &is_subscribed);
+                drop(info);
+                if !ok {
+                    self.stats.filtered.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+            }
+            let mailbox = &s.conn.mailbox;
+            match mailbox.enqueue(d.clone()) {
                 PushOutcome::Queued => {
                     n += 1;
-                    c.mailbox.signal_via(&mut wakes);
+                    mailbox.signal_via(&mut wakes);
                 }
                 PushOutcome::Overflow => {
                     self.stats.slow_consumer_drops.fetch_add(1, Ordering::Relaxed);
-                    c.mailbox.signal_via(&mut wakes);
+                    mailbox.signal_via(&mut wakes);
                 }
                 PushOutcome::Closed => {}
             }
@@ -598,6 +609,35 @@ mod tests {
             assert_eq!(b.recv_timeout(wait).expect("worker 2 woken (directly)"), text(s));
         }
         assert_eq!(registry.stats.delivered.load(Ordering::Relaxed), 6);
+    }
+
+    #[test]
+    fn publishes_see_every_subscription_change_since_the_last_one() {
+        let registry = Registry::new();
+        let a = registry.register("a".into(), "r".into(), 1 << 20);
+        let b = registry.register("b".into(), "r".into(), 1 << 20);
+        let got = |h: &ConnHandle| {
+            let mut out = Vec::new();
+            h.mailbox.drain(&mut out);
+            out
+        };
+        let none = BTreeMap::new();
+        assert!(registry.subscribe(&a, "news", &[]));
+        assert_eq!(registry.publish("news", &none, &text("1")), 1);
+        assert_eq!(registry.publish("news", &none, &text("2")), 1, "the same snapshot");
+        assert!(!registry.subscribe(&b, "news", &[]));
+        assert_eq!(
+            registry.publish("news", &none, &text("3")),
+            2,
+            "a new subscriber is seen"
+        );
+        assert!(!registry.unsubscribe("a", "news"));
+        assert_eq!(registry.publish("news", &none, &text("4")), 1, "a gone one is not");
+        assert_eq!(got(&a), vec![text("1"), text("2"), text("3")]);
+        assert_eq!(got(&b), vec![text("3"), text("4")]);
+        assert!(registry.unsubscribe("b", "news"), "the channel is empty");
+        assert_eq!(registry.publish("news", &none, &text("5")), 0);
+        assert!(registry.channels().is_empty());
     }
 
     #[test]
