@@ -86,16 +86,6 @@ async fn serve(index: usize, listener: StdListener, gw: Arc<Gateway>, stop: Canc
 }
 
 impl Workers {
-    /// How many workers run.
-    pub fn len(&self) -> usize {
-        self.threads.len()
-    }
-
-    /// Whether no worker runs.
-    pub fn is_empty(&self) -> bool {
-        self.threads.is_empty()
-    }
-
     /// Waits up to `grace` for every worker to end (after the drain), then joins those that
     /// ended. A worker still running then is left to end with the process.
     pub async fn finish(self, grace: Duration) {
