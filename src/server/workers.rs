@@ -6,8 +6,9 @@
 //! worker) and its timers. Nothing on the message path wakes another thread, which a
 //! work-stealing runtime does on almost every message (measured in `docs/PERFORMANCE.md`).
 //! The process's main runtime keeps the rest: the admin listener, the publish API, the NATS
-//! bridge, route reloads, the control client and span export. A publish reaches a subscriber
-//! on its worker through the subscriber's mailbox waker.
+//! bridge, route reloads, the control client and span export. A publish reaches the
+//! subscribers on a worker through the worker's wake relay (`Registry::wake_relay`, which each
+//! worker runs): one cross-thread wake per worker and publish.
 //!
 //! The kernel hands each new connection to one of the workers waiting in `accept`; a busy
 //! worker is not waiting, so new connections go to the idle ones.
