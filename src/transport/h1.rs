@@ -429,9 +429,16 @@ pub(crate) struct Head {
 
 /// Parses a complete response head at the front of `buf` (`None`: need more bytes).
 pub(crate) fn parse_head(buf: &[u8], max_headers: usize) -> Result<Option<Head>, Failure> {
-    let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS_CAP];
-    let mut resp = httparse::Response::new(&mut raw[..max_headers.clamp(1, MAX_HEADERS_CAP)]);
-    let len = match resp.parse(buf) {
+    // Left uninitialised: httparse writes the entries it fills (initialising all 256 cost
+    // about a thousand instructions per response).
+    let mut raw = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS_CAP];
+    let mut resp = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut resp,
+        buf,
+        &mut raw[..max_headers.clamp(1, MAX_HEADERS_CAP)],
+    );
+    let len = match parsed {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(e) => return Err(failed("invalid response from the backend", e)),
