@@ -5,79 +5,15 @@ mod support;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
+use support::process::GatewayProc;
 use support::*;
 use wsgate::protocol::events::Event;
 
 const BIN: &str = env!("CARGO_BIN_EXE_wsgate");
-
-struct Proc {
-    child: Child,
-    addr: SocketAddr,
-    admin: SocketAddr,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Proc {
-    /// Starts the gateway and waits until /readyz answers 200.
-    async fn start(extra: &[&str]) -> Proc {
-        let addr = free_addr();
-        let admin = free_addr();
-        let mut args = vec![
-            "gateway".to_owned(),
-            "--listen".into(),
-            addr.to_string(),
-            "--admin-listen".into(),
-            admin.to_string(),
-        ];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let child = Command::new(BIN)
-            .args(&args)
-            .env("WSGATE_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn wsgate");
-        let p = Proc { child, addr, admin };
-        eventually("gateway ready", || async {
-            match tokio::net::TcpStream::connect(admin).await {
-                Ok(_) => http_request(admin, "GET", "/readyz", &[], b"").await.0 == 200,
-                Err(_) => false,
-            }
-        })
-        .await;
-        p
-    }
-
-    fn signal(&self, sig: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{sig}"), &self.child.id().to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success());
-    }
-
-    /// Waits for the process to exit (with a deadline) and returns its exit code.
-    async fn wait_exit(&mut self) -> Option<i32> {
-        let deadline = tokio::time::Instant::now() + DEADLINE;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status.code();
-            }
-            assert!(tokio::time::Instant::now() < deadline, "wsgate did not exit");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
 
 #[test]
 fn bad_config_exits_64_naming_the_field() {
@@ -142,7 +78,7 @@ fn bad_config_exits_64_naming_the_field() {
 #[tokio::test]
 async fn healthz_and_readyz() {
     let backend = Backend::echo().await;
-    let p = Proc::start(&["--backend", &backend.url()]).await;
+    let p = GatewayProc::start(&["--backend", &backend.url()], &[]).await;
     let (status, _, body) = http_request(p.admin, "GET", "/healthz", &[], b"").await;
     assert_eq!(status, 200);
     assert_eq!(&body[..], b"ok\n");
@@ -164,16 +100,19 @@ async fn several_workers_serve_and_drain_every_connection() {
 
 async fn drain_on_sigterm(workers: &str) {
     let backend = Backend::echo().await;
-    let mut p = Proc::start(&[
-        "--backend",
-        &backend.url(),
-        "--drain-period",
-        "200ms",
-        "--close-pacing",
-        "100ms",
-        "--workers",
-        workers,
-    ])
+    let mut p = GatewayProc::start(
+        &[
+            "--backend",
+            &backend.url(),
+            "--drain-period",
+            "200ms",
+            "--close-pacing",
+            "100ms",
+            "--workers",
+            workers,
+        ],
+        &[],
+    )
     .await;
     let url = format!("ws://{}/", p.addr);
     let mut clients = Vec::new();
@@ -193,7 +132,7 @@ async fn drain_on_sigterm(workers: &str) {
         codes.push(c.expect_close().await.0);
     }
     assert!(codes.iter().all(|c| *c == 1001), "{codes:?}");
-    assert_eq!(p.wait_exit().await, Some(0));
+    assert_eq!(p.wait_exit(DEADLINE).await, Some(0));
     let closes = backend
         .requests()
         .iter()
@@ -209,7 +148,7 @@ async fn drain_on_sigterm(workers: &str) {
 #[tokio::test]
 async fn readiness_fails_during_drain() {
     let backend = Backend::echo().await;
-    let p = Proc::start(&["--backend", &backend.url(), "--drain-period", "5s"]).await;
+    let p = GatewayProc::start(&["--backend", &backend.url(), "--drain-period", "5s"], &[]).await;
     let _c = {
         let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/", p.addr))
             .await
@@ -234,7 +173,11 @@ async fn routes_file_reload_keeps_open_connections_and_applies_edits() {
     let path = dir.join("routes.yaml");
     let v1 = format!("routes:\n  - name: app\n    backend:\n      url: {}\n", backend.url());
     std::fs::write(&path, &v1).expect("write");
-    let p = Proc::start(&["--config", path.to_str().expect("utf8"), "--reload-interval", "50ms"]).await;
+    let p = GatewayProc::start(
+        &["--config", path.to_str().expect("utf8"), "--reload-interval", "50ms"],
+        &[],
+    )
+    .await;
     let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/", p.addr))
         .await
         .expect("connect");
@@ -301,7 +244,11 @@ async fn a_rejected_routes_file_shows_in_readyz_and_metrics_without_secrets() {
         )
     };
     std::fs::write(&path, good("1")).expect("write");
-    let p = Proc::start(&["--config", path.to_str().expect("utf8"), "--reload-interval", "50ms"]).await;
+    let p = GatewayProc::start(
+        &["--config", path.to_str().expect("utf8"), "--reload-interval", "50ms"],
+        &[],
+    )
+    .await;
     let text = metrics_text(p.admin).await;
     assert_eq!(
         sample(&text, r#"wsgate_config_info{version="1",source="file"}"#),
@@ -494,7 +441,7 @@ fn non_loopback_admin_without_auth_is_refused() {
 #[tokio::test]
 async fn publish_subcommand_reaches_subscribers() {
     let backend = grip_subscriber_backend("news").await;
-    let p = Proc::start(&["--backend", &backend.url(), "--admin-token", "s3cret"]).await;
+    let p = GatewayProc::start(&["--backend", &backend.url(), "--admin-token", "s3cret"], &[]).await;
     let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/", p.addr))
         .await
         .expect("connect");
@@ -545,7 +492,7 @@ async fn publish_subcommand_reaches_subscribers() {
 #[tokio::test]
 async fn client_listener_has_the_configured_accept_queue() {
     let backend = Backend::echo().await;
-    let p = Proc::start(&["--backend", &backend.url(), "--listen-backlog", "2048"]).await;
+    let p = GatewayProc::start(&["--backend", &backend.url(), "--listen-backlog", "2048"], &[]).await;
     // `ss` reports a listening socket's accept queue limit in its Send-Q column.
     let out = Command::new("ss")
         .args(["-ltnH", &format!("sport = :{}", p.addr.port())])

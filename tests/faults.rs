@@ -7,9 +7,7 @@
 mod support;
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -24,214 +22,14 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame as WsCloseFrame;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 
+use support::process::{GatewayProc, metric_in};
 use support::*;
 use wsgate::protocol::events::{self, Event};
 use wsgate::protocol::frame::CloseFrame;
 
-const BIN: &str = env!("CARGO_BIN_EXE_wsgate");
-
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 // ---- a `wsgate gateway` process ---------------------------------------------------------------
-
-/// A `wsgate gateway` child process on free loopback ports, its log captured; killed on drop.
-struct GatewayProc {
-    child: Child,
-    addr: SocketAddr,
-    admin: SocketAddr,
-    log: Arc<Mutex<String>>,
-}
-
-impl Drop for GatewayProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl GatewayProc {
-    /// Starts `wsgate gateway` with `extra` flags and `env`, and waits until `/readyz` is 200.
-    /// A port picked free can be taken before the process binds it: a few attempts.
-    async fn start(extra: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut last = String::new();
-        for _ in 0..3 {
-            let (addr, admin) = (free_addr(), free_addr());
-            let mut child = Command::new(BIN)
-                .args([
-                    "gateway",
-                    "--listen",
-                    &addr.to_string(),
-                    "--admin-listen",
-                    &admin.to_string(),
-                ])
-                .args(extra)
-                .envs(env.iter().copied())
-                .env("WSGATE_LOG", "info")
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("spawn wsgate");
-            // Logs go to stdout, startup errors to stderr: keep both.
-            let log = Arc::new(Mutex::new(String::new()));
-            let stdout: Box<dyn std::io::Read + Send> = Box::new(child.stdout.take().expect("stdout pipe"));
-            let stderr: Box<dyn std::io::Read + Send> = Box::new(child.stderr.take().expect("stderr pipe"));
-            for pipe in [stdout, stderr] {
-                let sink = log.clone();
-                std::thread::spawn(move || {
-                    for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                        let mut l = sink.lock().expect("log lock");
-                        l.push_str(&line);
-                        l.push('\n');
-                    }
-                });
-            }
-            let mut p = Self {
-                child,
-                addr,
-                admin,
-                log,
-            };
-            let deadline = tokio::time::Instant::now() + DEADLINE;
-            loop {
-                if let Some(status) = p.child.try_wait().expect("try_wait") {
-                    last = format!("wsgate exited with {status} before it was ready:\n{}", p.log());
-                    break;
-                }
-                if TcpStream::connect(admin).await.is_ok() && p.readyz().await.0 == 200 {
-                    return p;
-                }
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "wsgate not ready in time:\n{}",
-                    p.log()
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-        panic!("{last}");
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().expect("log lock").clone()
-    }
-
-    fn ws_url(&self, path: &str) -> String {
-        format!("ws://{}{path}", self.addr)
-    }
-
-    async fn readyz(&self) -> (u16, String) {
-        let (status, _, body) = http_request(self.admin, "GET", "/readyz", &[], b"").await;
-        (status.as_u16(), String::from_utf8_lossy(&body).into_owned())
-    }
-
-    /// The value of one series of `/metrics` (Prometheus text), exactly as written.
-    async fn metric_text(&self, series: &str) -> Option<String> {
-        let (status, _, body) = http_request(self.admin, "GET", "/metrics", &[], b"").await;
-        assert_eq!(status, 200, "GET /metrics");
-        metric_in(&String::from_utf8_lossy(&body), series)
-    }
-
-    async fn metric(&self, series: &str) -> Option<f64> {
-        self.metric_text(series).await.and_then(|v| v.parse().ok())
-    }
-
-    /// Waits until the metric has the value `want`.
-    async fn wait_metric(&self, series: &str, want: f64) {
-        let deadline = tokio::time::Instant::now() + DEADLINE;
-        loop {
-            let got = self.metric(series).await;
-            if got == Some(want) {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "metric {series}: want {want}, got {got:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Waits until the log holds `needle` at least `count` times; returns the log.
-    async fn wait_log(&self, needle: &str, count: usize) -> String {
-        let deadline = tokio::time::Instant::now() + DEADLINE;
-        loop {
-            let log = self.log();
-            if log.matches(needle).count() >= count {
-                return log;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "log never had {count} x {needle:?}:\n{log}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Waits until `/readyz` answers `status` with a body containing `needle`; returns the body.
-    async fn wait_readyz(&self, status: u16, needle: &str) -> String {
-        let deadline = tokio::time::Instant::now() + DEADLINE;
-        loop {
-            let (s, body) = self.readyz().await;
-            if s == status && body.contains(needle) {
-                return body;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "/readyz: want {status} with {needle:?}, got {s} {body:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Resident set size in KiB (`VmRSS` of /proc/PID/status).
-    fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("read /proc status");
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmRSS line")
-    }
-
-    fn signal(&self, sig: &str) {
-        let status = Command::new("kill")
-            .args([format!("-{sig}"), self.pid().to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success(), "kill -{sig}");
-    }
-
-    /// Waits (with a deadline) for the process to exit; returns its exit code.
-    async fn wait_exit(&mut self, within: Duration) -> Option<i32> {
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status.code();
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "wsgate did not exit in time:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-}
-
-/// The value of `series` (name with labels, as written) in a Prometheus text exposition.
-fn metric_in(text: &str, series: &str) -> Option<String> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| match l.rsplit_once(' ') {
-            Some((name, value)) if name == series => Some(value.to_owned()),
-            _ => None,
-        })
-}
 
 /// The routes version `/readyz` reports (`ready (routes version N)...`).
 fn readyz_version(body: &str) -> Option<u64> {

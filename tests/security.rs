@@ -21,14 +21,15 @@ mod support;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bytes::Bytes;
 use http::StatusCode;
+use support::process::GatewayProc;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -88,96 +89,6 @@ impl Scratch {
 impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// The real `wsgate gateway` on free 127.0.0.1 ports, its output (logs go to stdout) written to
-/// files (a pipe could fill up at debug level and stall the process).
-struct Proc {
-    child: Child,
-    addr: SocketAddr,
-    admin: SocketAddr,
-    log: PathBuf,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Proc {
-    /// Starts the gateway with `extra` flags and waits until `/readyz` answers 200.
-    async fn start(scratch: &Scratch, extra: &[&str]) -> Proc {
-        let addr = free_addr();
-        let admin = free_addr();
-        let log = scratch.path(&format!("gateway-{}.log", addr.port()));
-        let child = Command::new(BIN)
-            .args([
-                "gateway",
-                "--listen",
-                &addr.to_string(),
-                "--admin-listen",
-                &admin.to_string(),
-            ])
-            .args(extra)
-            .env_remove("WSGATE_LOG")
-            .env_remove("WSGATE_ADMIN_TOKEN")
-            .env_remove("WSGATE_PUBLISH_JWT_KEY")
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&log).expect("log file"))
-            .stderr(std::fs::File::create(log.with_extension("err")).expect("stderr file"))
-            .spawn()
-            .expect("spawn wsgate");
-        let mut p = Proc {
-            child,
-            addr,
-            admin,
-            log,
-        };
-        let deadline = tokio::time::Instant::now() + DEADLINE;
-        loop {
-            if let Some(status) = p.child.try_wait().expect("try_wait") {
-                panic!("wsgate exited with {status} at start:\n{}", p.log_text());
-            }
-            if TcpStream::connect(admin).await.is_ok()
-                && http_request(admin, "GET", "/readyz", &[], b"").await.0 == StatusCode::OK
-            {
-                return p;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "wsgate not ready:\n{}",
-                p.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Everything the process wrote: stdout (the logs), then stderr.
-    fn log_text(&self) -> String {
-        let out = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let err = std::fs::read_to_string(self.log.with_extension("err")).unwrap_or_default();
-        out + &err
-    }
-
-    /// SIGTERM, then waits for a clean exit; returns everything the gateway logged.
-    async fn stop(mut self) -> String {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success());
-        let deadline = tokio::time::Instant::now() + DEADLINE;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                assert_eq!(status.code(), Some(0), "{}", self.log_text());
-                return self.log_text();
-            }
-            assert!(tokio::time::Instant::now() < deadline, "wsgate did not exit");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
     }
 }
 
@@ -480,7 +391,6 @@ async fn admin_calls(admin: SocketAddr, connection: &str, authorization: Option<
 /// itself. Nothing reaches the subscriber until a valid call.
 #[tokio::test]
 async fn publish_and_connection_apis_refuse_bad_credentials_when_auth_is_set() {
-    let scratch = Scratch::new("auth");
     let backend = binding_backend("room").await;
     let open_id = |backend: &Backend| {
         backend
@@ -493,11 +403,7 @@ async fn publish_and_connection_apis_refuse_bad_credentials_when_auth_is_set() {
     };
 
     // Static token.
-    let p = Proc::start(
-        &scratch,
-        &["--backend", &backend.url(), "--admin-token", "t0ken-s3cret"],
-    )
-    .await;
+    let p = GatewayProc::start(&["--backend", &backend.url(), "--admin-token", "t0ken-s3cret"], &[]).await;
     let (mut c, _) = connect_with(&format!("ws://{}/", p.addr), &[]).await;
     let id = open_id(&backend);
     for bad in [
@@ -527,7 +433,7 @@ async fn publish_and_connection_apis_refuse_bad_credentials_when_auth_is_set() {
     drop(p);
 
     // JWT.
-    let p = Proc::start(&scratch, &["--backend", &backend.url(), "--publish-jwt-key", "jwt-k3y"]).await;
+    let p = GatewayProc::start(&["--backend", &backend.url(), "--publish-jwt-key", "jwt-k3y"], &[]).await;
     let (mut c, _) = connect_with(&format!("ws://{}/", p.addr), &[]).await;
     let id = open_id(&backend);
     let key = SigningKey::new(b"jwt-k3y".to_vec());
@@ -799,8 +705,7 @@ async fn oversized_or_overfull_request_heads_get_431_and_never_reach_the_backend
     assert_eq!(plains(&backend), 1);
 
     // The real binary: the flag is applied, and a tiny value is refused.
-    let scratch = Scratch::new("limits");
-    let p = Proc::start(&scratch, &["--backend", &backend.url(), "--max-header-bytes", "2048"]).await;
+    let p = GatewayProc::start(&["--backend", &backend.url(), "--max-header-bytes", "2048"], &[]).await;
     let before = opens(&backend);
     assert_eq!(raw_status(p.addr, &request(true, 0, 3000)).await, TOO_LARGE);
     assert_eq!(raw_status(p.addr, &request(false, 0, 3000)).await, TOO_LARGE);
@@ -850,8 +755,7 @@ async fn secrets_never_appear_in_debug_logs() {
     ];
     let mut logs = Vec::new();
     for format in ["text", "json"] {
-        let p = Proc::start(
-            &scratch,
+        let p = GatewayProc::start(
             &[
                 "--log-level",
                 "debug",
@@ -864,6 +768,7 @@ async fn secrets_never_appear_in_debug_logs() {
                 "--drain-period",
                 "0s",
             ],
+            &[],
         )
         .await;
         let (mut c, _) = connect_with(&format!("ws://{}/chat?x=1", p.addr), &client_secrets).await;

@@ -16,6 +16,7 @@ use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::{CertificateDer, ServerName};
+use support::process::GatewayProc;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -551,35 +552,16 @@ async fn cli_serves_wss_with_the_tls_flags() {
     let leaf = ca.leaf("wsgate-cli", 7);
     let dir = TempDir::new();
     dir.install(&leaf.cert_pem, &leaf.key_pem);
-    let addr = free_addr();
-    let admin = free_addr();
-    let mut child = tokio::process::Command::new(BIN)
-        .args([
-            "gateway",
-            "--listen",
-            &addr.to_string(),
-            "--admin-listen",
-            &admin.to_string(),
-        ])
-        .args(["--backend", &backend.url()])
-        .env("WSGATE_TLS_CERT", dir.cert())
-        .env("WSGATE_TLS_KEY", dir.key())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn wsgate");
-    eventually("gateway ready", || async {
-        match TcpStream::connect(admin).await {
-            Ok(_) => http_request(admin, "GET", "/readyz", &[], b"").await.0 == 200,
-            Err(_) => false,
-        }
-    })
+    let cert = dir.cert().display().to_string();
+    let key = dir.key().display().to_string();
+    let gw = GatewayProc::start(
+        &["--backend", &backend.url()],
+        &[("WSGATE_TLS_CERT", &cert), ("WSGATE_TLS_KEY", &key)],
+    )
     .await;
-    let mut c = Wss::connect(addr, ca.client_config(), "/").await;
+    let mut c = Wss::connect(gw.addr, ca.client_config(), "/").await;
     assert_eq!(c.server_cert, leaf.der);
     c.echo("through the binary").await;
     let open = backend.wait_event(Event::Open).await;
     assert_eq!(open.header("x-forwarded-proto"), Some("https"));
-    let _ = child.kill().await;
 }

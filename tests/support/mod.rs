@@ -4,6 +4,7 @@
 
 pub mod fake_kube;
 pub mod nats;
+pub mod process;
 
 use std::convert::Infallible;
 use std::future::Future;
