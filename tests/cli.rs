@@ -4,7 +4,6 @@
 mod support;
 
 use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -212,25 +211,6 @@ async fn routes_file_reload_keeps_open_connections_and_applies_edits() {
 }
 
 /// The `/metrics` text (Prometheus format).
-async fn metrics_text(admin: SocketAddr) -> String {
-    let (status, _, body) = http_request(admin, "GET", "/metrics", &[], b"").await;
-    assert_eq!(status, 200, "GET /metrics");
-    String::from_utf8_lossy(&body).into_owned()
-}
-
-/// The value of `series` (name and labels, as written) in a Prometheus text exposition.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| l.rsplit_once(' ').filter(|(name, _)| *name == series))
-        .and_then(|(_, v)| v.parse().ok())
-}
-
-async fn readyz(admin: SocketAddr) -> (u16, String) {
-    let (status, _, body) = http_request(admin, "GET", "/readyz", &[], b"").await;
-    (status.as_u16(), String::from_utf8_lossy(&body).into_owned())
-}
-
 #[tokio::test]
 async fn a_rejected_routes_file_shows_in_readyz_and_metrics_without_secrets() {
     let backend = Backend::echo().await;
@@ -249,7 +229,7 @@ async fn a_rejected_routes_file_shows_in_readyz_and_metrics_without_secrets() {
         &[],
     )
     .await;
-    let text = metrics_text(p.admin).await;
+    let text = p.metrics().await;
     assert_eq!(
         sample(&text, r#"wsgate_config_info{version="1",source="file"}"#),
         Some(1.0),
@@ -275,7 +255,7 @@ async fn a_rejected_routes_file_shows_in_readyz_and_metrics_without_secrets() {
     std::fs::write(&path, bad).expect("write");
     let deadline = tokio::time::Instant::now() + DEADLINE;
     let body = loop {
-        let (status, body) = readyz(p.admin).await;
+        let (status, body) = p.readyz().await;
         assert_eq!(status, 200, "still ready: {body}");
         if body.contains("degraded: routes file failing since ") {
             break body;
@@ -297,7 +277,7 @@ async fn a_rejected_routes_file_shows_in_readyz_and_metrics_without_secrets() {
     );
     assert!(!body.contains("hunter2"), "no secret in /readyz: {body}");
     assert_eq!(body.lines().count(), 1, "{body}");
-    let text = metrics_text(p.admin).await;
+    let text = p.metrics().await;
     assert!(!text.contains("hunter2"), "no secret in /metrics");
     assert_eq!(sample(&text, "wsgate_config_source_up"), Some(0.0));
     assert_eq!(sample(&text, "wsgate_config_reload_failures_total"), Some(1.0));
@@ -319,10 +299,10 @@ async fn a_rejected_routes_file_shows_in_readyz_and_metrics_without_secrets() {
     // Fixed: healthy again, a new generation, the failure stays counted.
     std::fs::write(&path, good("2")).expect("write");
     eventually("readyz shows version 2 without degradation", || async {
-        readyz(p.admin).await == (200, "ready (routes version 2)\n".to_owned())
+        p.readyz().await == (200, "ready (routes version 2)\n".to_owned())
     })
     .await;
-    let text = metrics_text(p.admin).await;
+    let text = p.metrics().await;
     assert_eq!(
         sample(&text, r#"wsgate_config_info{version="2",source="file"}"#),
         Some(1.0),

@@ -13,7 +13,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use support::fake_kube::{FakeKube, TokenUser};
-use support::{Backend, TestGateway, eventually, http_request, upgrade_headers};
+use support::{Backend, TestGateway, eventually, http_request, sample, upgrade_headers};
 use wsgate::admin::AdminState;
 use wsgate::config::control::{ControlClientConfig, ControlStatus, TOKEN_AUDIENCE, run_control_client};
 use wsgate::controller::{ControlPlane, ControllerConfig, LeaseConfig, WebSocketRoute};
@@ -124,14 +124,6 @@ impl ControlledGateway {
             .map(|r| r.name.clone())
             .collect()
     }
-}
-
-/// The value of `series` (name and labels, as written) in a Prometheus text exposition.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| l.rsplit_once(' ').filter(|(name, _)| *name == series))
-        .and_then(|(_, v)| v.parse().ok())
 }
 
 fn route(name: &str, spec: serde_json::Value) -> WebSocketRoute {

@@ -22,7 +22,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame as WsCloseFrame;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 
-use support::process::{GatewayProc, metric_in};
+use support::process::GatewayProc;
 use support::*;
 use wsgate::protocol::events::{self, Event};
 use wsgate::protocol::frame::CloseFrame;

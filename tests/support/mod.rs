@@ -446,6 +446,21 @@ impl Client {
     }
 }
 
+/// The value of `series` (name with labels, as written) in a Prometheus text exposition.
+pub fn metric_in(text: &str, series: &str) -> Option<String> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| match l.rsplit_once(' ') {
+            Some((name, value)) if name == series => Some(value.to_owned()),
+            _ => None,
+        })
+}
+
+/// [`metric_in`] as a number.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    metric_in(text, series).and_then(|v| v.parse().ok())
+}
+
 /// A loopback address whose port was free a moment ago (for processes that need a concrete
 /// address to listen on).
 pub fn free_addr() -> SocketAddr {

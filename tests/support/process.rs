@@ -9,19 +9,9 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 
-use super::{DEADLINE, free_addr, http_request};
+use super::{DEADLINE, free_addr, http_request, metric_in};
 
 const BIN: &str = env!("CARGO_BIN_EXE_wsgate");
-
-/// The value of `series` (name with labels, as written) in a Prometheus text exposition.
-pub fn metric_in(text: &str, series: &str) -> Option<String> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| match l.rsplit_once(' ') {
-            Some((name, value)) if name == series => Some(value.to_owned()),
-            _ => None,
-        })
-}
 
 /// A `wsgate gateway` child process on free loopback ports, its log captured; killed on drop.
 pub struct GatewayProc {
@@ -124,11 +114,16 @@ impl GatewayProc {
         (status.as_u16(), String::from_utf8_lossy(&body).into_owned())
     }
 
-    /// The value of one series of `/metrics` (Prometheus text), exactly as written.
-    pub async fn metric_text(&self, series: &str) -> Option<String> {
+    /// The whole `/metrics` text (Prometheus exposition).
+    pub async fn metrics(&self) -> String {
         let (status, _, body) = http_request(self.admin, "GET", "/metrics", &[], b"").await;
         assert_eq!(status, 200, "GET /metrics");
-        metric_in(&String::from_utf8_lossy(&body), series)
+        String::from_utf8_lossy(&body).into_owned()
+    }
+
+    /// The value of one series of `/metrics` (Prometheus text), exactly as written.
+    pub async fn metric_text(&self, series: &str) -> Option<String> {
+        metric_in(&self.metrics().await, series)
     }
 
     pub async fn metric(&self, series: &str) -> Option<f64> {
