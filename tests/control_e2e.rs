@@ -6,16 +6,15 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use support::fake_kube::{FakeKube, TokenUser};
+use support::fake_kube::FakeKube;
 use support::{Backend, TestGateway, eventually, http_request, sample, upgrade_headers};
 use wsgate::admin::AdminState;
-use wsgate::config::control::{ControlClientConfig, ControlStatus, TOKEN_AUDIENCE, run_control_client};
+use wsgate::config::control::{ControlClientConfig, ControlStatus, run_control_client};
 use wsgate::controller::{ControlPlane, ControllerConfig, LeaseConfig, WebSocketRoute};
 use wsgate::server::GatewaySettings;
 
@@ -50,27 +49,7 @@ impl ControlledGateway {
     /// Creates the pod `name` with `labels`, a bound token for it, and a gateway polling
     /// `control_url` as that pod.
     async fn start(fake: &FakeKube, control_url: &str, name: &str, labels: serde_json::Value) -> Self {
-        let pod: Pod = serde_json::from_value(json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": NS, "labels": labels},
-            "spec": {"serviceAccountName": "gateway", "containers": [{"name": "gw", "image": "wsgate"}]}
-        }))
-        .expect("pod");
-        let pod = Api::<Pod>::namespaced(fake.client(), NS)
-            .create(&PostParams::default(), &pod)
-            .await
-            .expect("create pod");
-        let token = format!("token-{name}-{}", uuid::Uuid::new_v4());
-        fake.add_token(
-            &token,
-            TokenUser::pod(
-                NS,
-                "gateway",
-                name,
-                pod.metadata.uid.as_deref().expect("uid"),
-                TOKEN_AUDIENCE,
-            ),
-        );
+        let token = fake.gateway_pod_token(NS, name, labels).await;
         let path = std::env::temp_dir().join(format!("wsgate-token-{}", uuid::Uuid::new_v4()));
         std::fs::write(&path, format!("{token}\n")).expect("token file");
         let gateway = TestGateway::with_routes(Vec::new(), GatewaySettings::default()).await;

@@ -1269,12 +1269,11 @@ async fn nats_kill_restart() {
 
 mod controller_outage {
     use super::*;
-    use k8s_openapi::api::core::v1::Pod;
     use kube::Api;
     use kube::api::{Patch, PatchParams, PostParams};
     use serde_json::json;
-    use support::fake_kube::{FakeKube, TokenUser};
-    use wsgate::config::control::{Snapshot, TOKEN_AUDIENCE};
+    use support::fake_kube::FakeKube;
+    use wsgate::config::control::Snapshot;
     use wsgate::controller::{ControlPlane, ControllerConfig, LeaseConfig, WebSocketRoute};
 
     const NS: &str = "apps";
@@ -1406,27 +1405,7 @@ mod controller_outage {
         let control_addr = free_addr();
         let (stop_controller, controller) = start_controller(&fake, control_addr).await;
 
-        let pod: Pod = serde_json::from_value(json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": "chat-0", "namespace": NS, "labels": {"app": "chat"}},
-            "spec": {"serviceAccountName": "gateway", "containers": [{"name": "gw", "image": "wsgate"}]}
-        }))
-        .expect("pod");
-        let pod = Api::<Pod>::namespaced(fake.client(), NS)
-            .create(&PostParams::default(), &pod)
-            .await
-            .expect("create pod");
-        let token = format!("token-{}", uuid::Uuid::new_v4());
-        fake.add_token(
-            &token,
-            TokenUser::pod(
-                NS,
-                "gateway",
-                "chat-0",
-                pod.metadata.uid.as_deref().expect("uid"),
-                TOKEN_AUDIENCE,
-            ),
-        );
+        let token = fake.gateway_pod_token(NS, "chat-0", json!({"app": "chat"})).await;
         let dir = TempDir::new("control");
         let token_file = dir.0.join("token");
         std::fs::write(&token_file, format!("{token}\n")).expect("token file");

@@ -98,17 +98,7 @@ impl Drop for Scratch {
 async fn binding_backend(channel: &'static str) -> Backend {
     Backend::start(move |r| {
         if r.events().contains(&Event::Open) {
-            Reply::events(&[
-                Event::Open,
-                Event::Text(wsgate::protocol::control::encode_control(
-                    &wsgate::protocol::control::ControlMessage::Subscribe {
-                        channel: channel.into(),
-                        filters: vec![],
-                    },
-                )),
-            ])
-            .header("sec-websocket-extensions", "grip")
-            .header("set-meta-user", "alice")
+            grip_open_reply(Some(channel)).header("set-meta-user", "alice")
         } else if r.header("content-type").is_some() {
             grip_echo(r)
         } else {

@@ -322,6 +322,34 @@ impl FakeKube {
         self.state().tokens.insert(token.to_owned(), user);
     }
 
+    /// Creates the pod `name` (service account `gateway`, `labels`) in `namespace` and returns
+    /// a token bound to it for the control API's audience, as a gateway sidecar's would be.
+    pub async fn gateway_pod_token(&self, namespace: &str, name: &str, labels: Value) -> String {
+        use k8s_openapi::api::core::v1::Pod;
+        let pod: Pod = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": namespace, "labels": labels},
+            "spec": {"serviceAccountName": "gateway", "containers": [{"name": "gw", "image": "wsgate"}]}
+        }))
+        .expect("pod");
+        let pod = kube::Api::<Pod>::namespaced(self.client(), namespace)
+            .create(&kube::api::PostParams::default(), &pod)
+            .await
+            .expect("create pod");
+        let token = format!("token-{name}-{}", uuid::Uuid::new_v4());
+        self.add_token(
+            &token,
+            TokenUser::pod(
+                namespace,
+                "gateway",
+                name,
+                pod.metadata.uid.as_deref().expect("uid"),
+                wsgate::config::control::TOKEN_AUDIENCE,
+            ),
+        );
+        token
+    }
+
     /// Moves the server's clock (creation timestamps) forward.
     pub fn advance_clock(&self, seconds: i64) {
         self.state().clock_offset += seconds;

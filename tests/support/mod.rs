@@ -245,21 +245,27 @@ impl Backend {
     }
 }
 
+/// A GRIP backend's answer to OPEN: the `grip` extension, and a subscription to `channel`
+/// when there is one.
+pub fn grip_open_reply(channel: Option<&str>) -> Reply {
+    let mut events = vec![Event::Open];
+    if let Some(channel) = channel {
+        events.push(Event::Text(wsgate::protocol::control::encode_control(
+            &wsgate::protocol::control::ControlMessage::Subscribe {
+                channel: channel.into(),
+                filters: vec![],
+            },
+        )));
+    }
+    Reply::events(&events).header("sec-websocket-extensions", "grip")
+}
+
 /// A GRIP backend that answers OPEN with the `grip` extension and a subscription to
 /// `channel`, and every later request with no events.
 pub async fn grip_subscriber_backend(channel: &'static str) -> Backend {
     Backend::start(move |r| {
         if r.events().contains(&Event::Open) {
-            Reply::events(&[
-                Event::Open,
-                Event::Text(wsgate::protocol::control::encode_control(
-                    &wsgate::protocol::control::ControlMessage::Subscribe {
-                        channel: channel.into(),
-                        filters: vec![],
-                    },
-                )),
-            ])
-            .header("sec-websocket-extensions", "grip")
+            grip_open_reply(Some(channel))
         } else {
             Reply::events(&[])
         }

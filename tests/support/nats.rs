@@ -16,7 +16,6 @@ use tokio::process::{Child, Command};
 use wsgate::config::{Route, RouteTable};
 use wsgate::grip::Hub;
 use wsgate::grip::nats::{NatsBridge, NatsConfig, NatsState};
-use wsgate::protocol::control::{ControlMessage, encode_control};
 use wsgate::protocol::events::Event;
 use wsgate::server::{Gateway, GatewaySettings};
 
@@ -238,15 +237,7 @@ pub async fn grip_backend() -> Backend {
             .and_then(|rest| rest.split('/').next())
             .and_then(|b| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(b).ok())
             .and_then(|b| String::from_utf8(b).ok());
-        let mut evs = vec![Event::Open];
-        if let Some(channel) = channel {
-            let ctl = encode_control(&ControlMessage::Subscribe {
-                channel,
-                filters: Vec::new(),
-            });
-            evs.push(Event::Text(ctl));
-        }
-        Reply::events(&evs).header("Sec-WebSocket-Extensions", "grip")
+        super::grip_open_reply(channel.as_deref())
     })
     .await
 }
