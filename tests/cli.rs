@@ -189,7 +189,7 @@ async fn routes_file_reload_keeps_open_connections_and_applies_edits() {
         "routes:\n  - name: app\n    backend:\n      url: {}\n    headers:\n      add: [{{name: X-Version, value: \"2\"}}]\n",
         backend.url()
     );
-    std::fs::write(&path, &v2).expect("write");
+    write_routes(&path, &v2);
     eventually("reload applied", || async {
         let (_, _, body) = http_request(p.admin, "GET", "/readyz", &[], b"").await;
         String::from_utf8_lossy(&body).contains("version 2")
@@ -201,7 +201,7 @@ async fn routes_file_reload_keeps_open_connections_and_applies_edits() {
     assert_eq!(r.header("x-version"), Some("2"));
 
     // An invalid file is rejected; the old table stays and traffic flows.
-    std::fs::write(&path, "routes:\n  - name: app\n    backend: {}\n").expect("write");
+    write_routes(&path, "routes:\n  - name: app\n    backend: {}\n");
     c.send_text("three").await;
     c.expect_text("three").await;
     let (status, _, body) = http_request(p.admin, "GET", "/readyz", &[], b"").await;
@@ -252,7 +252,7 @@ async fn a_rejected_routes_file_shows_in_readyz_and_metrics_without_secrets() {
     let bad = "routes:\n  - name: app\n    backend:\n      url: http://admin:hunter2-password@127.0.0.1:1\n    \
                grip:\n      signingKey: {value: hunter2-signing-key, env: WSGATE_NO_SUCH_VAR}\n    \
                limits:\n      maxMesageBytes: 5\n";
-    std::fs::write(&path, bad).expect("write");
+    write_routes(&path, bad);
     let deadline = tokio::time::Instant::now() + DEADLINE;
     let body = loop {
         let (status, body) = p.readyz().await;
@@ -297,7 +297,7 @@ async fn a_rejected_routes_file_shows_in_readyz_and_metrics_without_secrets() {
     assert_eq!(r.header("x-rev"), Some("1"));
 
     // Fixed: healthy again, a new generation, the failure stays counted.
-    std::fs::write(&path, good("2")).expect("write");
+    write_routes(&path, &good("2"));
     eventually("readyz shows version 2 without degradation", || async {
         p.readyz().await == (200, "ready (routes version 2)\n".to_owned())
     })

@@ -37,13 +37,6 @@ fn readyz_version(body: &str) -> Option<u64> {
     rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
 }
 
-/// Writes a routes file atomically (write + rename), as editors and ConfigMap updates do.
-fn write_routes(path: &std::path::Path, yaml: &str) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, yaml).expect("write routes");
-    std::fs::rename(&tmp, path).expect("rename routes");
-}
-
 /// A directory removed on drop.
 struct TempDir(std::path::PathBuf);
 

@@ -462,6 +462,14 @@ pub fn metric_in(text: &str, series: &str) -> Option<String> {
         })
 }
 
+/// Writes a routes file atomically (write + rename), as editors and ConfigMap updates do: a
+/// gateway polling it never reads a half-written file.
+pub fn write_routes(path: &std::path::Path, yaml: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, yaml).expect("write routes");
+    std::fs::rename(&tmp, path).expect("rename routes");
+}
+
 /// [`metric_in`] as a number.
 pub fn sample(text: &str, series: &str) -> Option<f64> {
     metric_in(text, series).and_then(|v| v.parse().ok())
