@@ -133,14 +133,6 @@ impl Mailbox {
         self.waker.wake();
     }
 
-    /// [`Self::signal`], handing the task's waker to `relays` when its worker runs one.
-    fn signal_via(&self, relays: &mut RelayBatch<'_>) {
-        self.pending.store(true, Ordering::Release);
-        if let Some(w) = self.waker.take() {
-            relays.wake(self.worker, w);
-        }
-    }
-
     /// Ready once something was pushed since the last time it was ready (the signal is kept
     /// until polled, so waiting is cancel-safe).
     pub fn poll_ready(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
@@ -226,10 +218,34 @@ struct Subscriber {
 #[derive(Default)]
 struct Channel {
     subs: HashMap<String, Subscriber>,
-    /// The subscribers as a publish walks them: made by the first publish after a change and
-    /// shared by the publishes after it, which then neither copy the list nor hold the lock
-    /// while delivering.
-    snapshot: Option<Arc<[Subscriber]>>,
+    /// The subscribers as a publish walks them, by data-plane worker: made by the first
+    /// publish after a change and shared by the publishes after it, which then neither copy
+    /// the list nor hold the lock while delivering.
+    snapshot: Option<Arc<[Group]>>,
+}
+
+/// The subscribers of a channel whose connections run on one data-plane worker.
+struct Group {
+    subs: Arc<[Subscriber]>,
+    /// Whether any of them has filters (then a publish checks them one by one).
+    filtered: bool,
+}
+
+/// Groups `subs` by the worker running each connection: index `w` holds worker `w`'s,
+/// index 0 those not on a worker with a relay (`relays` workers have one each).
+fn group_by_worker<'a>(subs: impl Iterator<Item = &'a Subscriber>, relays: usize) -> Arc<[Group]> {
+    let mut by_worker: Vec<Vec<Subscriber>> = (0..=relays).map(|_| Vec::new()).collect();
+    for s in subs {
+        let w = s.conn.mailbox.worker;
+        by_worker[if w <= relays { w } else { 0 }].push(s.clone());
+    }
+    by_worker
+        .into_iter()
+        .map(|subs| Group {
+            filtered: subs.iter().any(|s| !s.filters.is_empty()),
+            subs: subs.into(),
+        })
+        .collect()
 }
 
 /// Counters of the registry.
@@ -247,87 +263,96 @@ pub struct RegistryStats {
 
 const SHARDS: usize = 16;
 
-/// Wakes the tasks of one data-plane worker on that worker's own thread.
+/// Delivers publishes to the connections of one data-plane worker, on that worker's thread.
 ///
-/// A waker of a task on a single-threaded runtime, woken from another thread, queues the task
-/// remotely and wakes the runtime's thread (a syscall) every time; a publish to thousands of
-/// subscribers would make thousands of them. A publish instead hands each worker its
-/// subscribers' wakers in one batch and wakes the worker's relay task once; the relay, on the
-/// worker's thread, wakes them locally.
-#[derive(Debug, Default)]
-struct WakeRelay {
-    queue: Mutex<Vec<std::task::Waker>>,
+/// A publish to thousands of subscribers, made on another thread, would touch every
+/// subscriber's mailbox and waker from that thread (cache lines the worker's core owns, moved
+/// across cores for each delivery), and waking a task of a single-threaded runtime from
+/// another thread wakes that runtime's thread (a syscall) each time. A publish instead hands
+/// each worker one job (the item and the worker's share of the channel's subscribers) and
+/// wakes the worker's relay task once; the relay queues the item to each mailbox and wakes
+/// each connection's task locally. Jobs run in the order they were handed over, so deliveries
+/// to a connection keep publish order.
+#[derive(Default)]
+struct Relay {
+    jobs: Mutex<Vec<Job>>,
     task: futures_util::task::AtomicWaker,
-    /// Set while the relay task runs (a batch handed to a relay that doesn't run would be
-    /// lost: then wakers are woken directly).
+    /// Set while the relay task runs (a job handed to a relay that doesn't run would be
+    /// lost: then the publishing thread runs it).
     running: std::sync::atomic::AtomicBool,
 }
 
-/// Wakers gathered during one publish, by worker.
-struct RelayBatch<'a> {
-    relays: &'a [WakeRelay],
-    batches: Vec<Vec<std::task::Waker>>,
+/// One publish to the subscribers of one worker.
+struct Job {
+    targets: Targets,
+    delivery: Delivery,
 }
 
-impl<'a> RelayBatch<'a> {
-    fn new(relays: &'a [WakeRelay]) -> Self {
-        Self {
-            relays,
-            batches: Vec::new(),
+enum Targets {
+    /// Every subscriber of the group (none has filters).
+    All(Arc<[Subscriber]>),
+    /// Those the filters allowed.
+    Some(Vec<Arc<ConnHandle>>),
+}
+
+impl Targets {
+    fn len(&self) -> usize {
+        match self {
+            Targets::All(subs) => subs.len(),
+            Targets::Some(conns) => conns.len(),
+        }
+    }
+}
+
+impl Job {
+    /// Queues the delivery to every target and wakes their tasks; counts what was queued
+    /// and the slow consumers it found.
+    fn run(self, stats: &RegistryStats) {
+        let mut delivered = 0;
+        let mut push = |mailbox: &Mailbox| match mailbox.push(self.delivery.clone()) {
+            PushOutcome::Queued => delivered += 1,
+            PushOutcome::Overflow => {
+                stats.slow_consumer_drops.fetch_add(1, Ordering::Relaxed);
+            }
+            PushOutcome::Closed => {}
+        };
+        match &self.targets {
+            Targets::All(subs) => subs.iter().for_each(|s| push(&s.conn.mailbox)),
+            Targets::Some(conns) => conns.iter().for_each(|c| push(&c.mailbox)),
+        }
+        stats.delivered.fetch_add(delivered, Ordering::Relaxed);
+    }
+}
+
+impl Relay {
+    /// Hands `job` to the relay and wakes its task; runs it here when the relay has stopped.
+    fn submit(&self, job: Job, stats: &RegistryStats) {
+        lock(&self.jobs).push(job);
+        self.task.wake();
+        if !self.running.load(Ordering::Acquire) {
+            // The relay stopped meanwhile (its runtime is ending): run what is left here.
+            self.run_queued(stats);
         }
     }
 
-    /// Wakes `w` (a task of worker `worker`) now, or through its worker's relay.
-    fn wake(&mut self, worker: usize, w: std::task::Waker) {
-        match worker
-            .checked_sub(1)
-            .filter(|&i| self.relays.get(i).is_some_and(|r| r.running.load(Ordering::Acquire)))
-        {
-            Some(i) => {
-                if self.batches.len() <= i {
-                    self.batches.resize_with(i + 1, Vec::new);
-                }
-                self.batches[i].push(w);
-            }
-            None => w.wake(),
-        }
-    }
-
-    /// Hands every batch to its relay and wakes each relay once.
-    fn finish(self) {
-        for (relay, batch) in self.relays.iter().zip(self.batches) {
-            if batch.is_empty() {
-                continue;
-            }
-            {
-                let mut q = lock(&relay.queue);
-                if q.is_empty() {
-                    *q = batch;
-                } else {
-                    q.extend(batch);
-                }
-            }
-            relay.task.wake();
-            if !relay.running.load(Ordering::Acquire) {
-                // The relay stopped meanwhile (its runtime is ending): wake them here.
-                for w in std::mem::take(&mut *lock(&relay.queue)) {
-                    w.wake();
-                }
-            }
+    fn run_queued(&self, stats: &RegistryStats) {
+        for job in std::mem::take(&mut *lock(&self.jobs)) {
+            job.run(stats);
         }
     }
 }
 
 /// Marks a relay stopped when its task ends or is dropped.
-struct RelayRunning<'a>(&'a WakeRelay);
+struct RelayRunning<'a> {
+    relay: &'a Relay,
+    stats: &'a RegistryStats,
+}
 
 impl Drop for RelayRunning<'_> {
     fn drop(&mut self) {
-        self.0.running.store(false, Ordering::Release);
-        // Wakers handed over after the last poll: wake them directly.
-        for w in std::mem::take(&mut *lock(&self.0.queue)) {
-            w.wake();
-        }
+        self.relay.running.store(false, Ordering::Release);
+        // Jobs handed over after the last poll: run them here.
+        self.relay.run_queued(self.stats);
     }
 }
 
@@ -336,7 +361,7 @@ pub struct Registry {
     conns: Vec<Mutex<HashMap<String, Arc<ConnHandle>>>>,
     channels: Mutex<HashMap<String, Channel>>,
     /// One per data-plane worker (index = worker - 1).
-    relays: Box<[WakeRelay]>,
+    relays: Box<[Relay]>,
     /// Counters.
     pub stats: RegistryStats,
 }
@@ -369,30 +394,35 @@ impl Registry {
         Self::with_workers(0)
     }
 
-    /// An empty registry with a wake relay for each of `workers` data-plane workers (each
-    /// worker runs its relay with [`Self::wake_relay`]).
+    /// An empty registry with a delivery relay for each of `workers` data-plane workers
+    /// (each worker runs its relay with [`Self::relay`]).
     pub fn with_workers(workers: usize) -> Self {
         Self {
             conns: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             channels: Mutex::new(HashMap::new()),
-            relays: (0..workers).map(|_| WakeRelay::default()).collect(),
+            relays: (0..workers).map(|_| Relay::default()).collect(),
             stats: RegistryStats::default(),
         }
     }
 
-    /// Runs worker `worker`'s wake relay (see `WakeRelay`): a task on that worker's runtime
+    /// Runs worker `worker`'s delivery relay (see `Relay`): a task on that worker's runtime
     /// that never ends by itself. Returns at once for an unknown worker.
-    pub async fn wake_relay(&self, worker: usize) {
+    pub async fn relay(&self, worker: usize) {
         let Some(relay) = worker.checked_sub(1).and_then(|i| self.relays.get(i)) else {
             return;
         };
         relay.running.store(true, Ordering::Release);
-        let _running = RelayRunning(relay);
+        let _running = RelayRunning {
+            relay,
+            stats: &self.stats,
+        };
+        let mut jobs = Vec::new();
         std::future::poll_fn(|cx| {
             relay.task.register(cx.waker());
-            let batch = std::mem::take(&mut *lock(&relay.queue));
-            for w in batch {
-                w.wake();
+            // Swapped, so the queue's and this vector's capacity are both reused.
+            std::mem::swap(&mut jobs, &mut *lock(&relay.jobs));
+            for job in jobs.drain(..) {
+                job.run(&self.stats);
             }
             std::task::Poll::<()>::Pending
         })
@@ -497,47 +527,63 @@ impl Registry {
     }
 
     /// Delivers to every local subscriber of `channel` that its filters allow; returns how
-    /// many connections got it.
+    /// many connections it was addressed to. The subscribers on a data-plane worker get it
+    /// through that worker's relay (queued and woken on the worker's thread, shortly after
+    /// this returns), the others before this returns; either way in publish order.
     pub fn publish(&self, channel: &str, item_meta: &BTreeMap<String, String>, d: &Delivery) -> usize {
         self.stats.published.fetch_add(1, Ordering::Relaxed);
-        let subs = {
+        let groups = {
             let mut ch = lock(&self.channels);
             let Some(c) = ch.get_mut(channel) else {
                 return 0;
             };
             c.snapshot
-                .get_or_insert_with(|| c.subs.values().cloned().collect())
+                .get_or_insert_with(|| group_by_worker(c.subs.values(), self.relays.len()))
                 .clone()
         };
         let mut n = 0;
-        let mut wakes = RelayBatch::new(&self.relays);
-        for s in subs.iter() {
+        for (worker, group) in groups.iter().enumerate() {
+            if group.subs.is_empty() {
+                continue;
+            }
+            let targets = if group.filtered {
+                Targets::Some(self.allowed(&group.subs, item_meta))
+            } else {
+                Targets::All(group.subs.clone())
+            };
+            n += targets.len();
+            let job = Job {
+                targets,
+                delivery: d.clone(),
+            };
+            match worker
+                .checked_sub(1)
+                .and_then(|i| self.relays.get(i))
+                .filter(|r| r.running.load(Ordering::Acquire))
+            {
+                Some(relay) => relay.submit(job, &self.stats),
+                None => job.run(&self.stats),
+            }
+        }
+        n
+    }
+
+    /// The connections of `subs` whose filters allow an item with `item_meta`; counts the
+    /// others.
+    fn allowed(&self, subs: &[Subscriber], item_meta: &BTreeMap<String, String>) -> Vec<Arc<ConnHandle>> {
+        let mut out = Vec::with_capacity(subs.len());
+        for s in subs {
             if !s.filters.is_empty() {
                 let info = lock(&s.conn.info);
                 let is_subscribed = |c: &str| info.channels.iter().any(|x| x == c);
-                let ok = filters_allow(&s.filters, &info.sub_meta, item_meta, &is_subscribed);
-                drop(info);
-                if !ok {
+                if !filters_allow(&s.filters, &info.sub_meta, item_meta, &is_subscribed) {
                     self.stats.filtered.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
             }
-            let mailbox = &s.conn.mailbox;
-            match mailbox.enqueue(d.clone()) {
-                PushOutcome::Queued => {
-                    n += 1;
-                    mailbox.signal_via(&mut wakes);
-                }
-                PushOutcome::Overflow => {
-                    self.stats.slow_consumer_drops.fetch_add(1, Ordering::Relaxed);
-                    mailbox.signal_via(&mut wakes);
-                }
-                PushOutcome::Closed => {}
-            }
+            out.push(s.conn.clone());
         }
-        wakes.finish();
-        self.stats.delivered.fetch_add(n as u64, Ordering::Relaxed);
-        n
+        out
     }
 }
 
@@ -552,12 +598,15 @@ mod tests {
 
     /// A connection registered on worker thread `worker` of `registry`, whose task (on that
     /// thread's single-threaded runtime) reports each delivery it takes from its mailbox; with
-    /// `relay`, the worker runs its wake relay. Returns the handle and the deliveries.
+    /// `relay`, the worker runs its delivery relay. The connection subscribes to `news` with
+    /// `filters`. Returns the handle and the deliveries.
     fn worker_connection(
         registry: &Arc<Registry>,
         worker: usize,
         relay: bool,
+        filters: &[&str],
     ) -> (Arc<ConnHandle>, std::sync::mpsc::Receiver<Delivery>) {
+        let filters: Vec<String> = filters.iter().map(|f| (*f).to_owned()).collect();
         let (handle_tx, handle_rx) = std::sync::mpsc::channel();
         let (tx, rx) = std::sync::mpsc::channel();
         let registry = registry.clone();
@@ -570,12 +619,12 @@ mod tests {
             rt.block_on(async move {
                 if relay {
                     let r = registry.clone();
-                    tokio::spawn(async move { r.wake_relay(worker).await });
+                    tokio::spawn(async move { r.relay(worker).await });
                     tokio::task::yield_now().await;
                 }
                 let handle = registry.register(format!("c{worker}"), "r".into(), 1 << 20);
                 assert_eq!(handle.mailbox.worker, worker);
-                registry.subscribe(&handle, "news", &[]);
+                registry.subscribe(&handle, "news", &filters);
                 handle_tx.send(handle.clone()).expect("send handle");
                 let mut out = Vec::new();
                 loop {
@@ -595,20 +644,38 @@ mod tests {
     #[test]
     fn publishes_from_another_thread_reach_connections_on_workers_with_and_without_a_relay() {
         let registry = Arc::new(Registry::with_workers(2));
-        let (_a, a) = worker_connection(&registry, 1, true);
-        let (_b, b) = worker_connection(&registry, 2, false);
+        let (a_conn, a) = worker_connection(&registry, 1, true, &["skip-self"]);
+        let (_b, b) = worker_connection(&registry, 2, false, &[]);
         assert!(
             registry.relays[0].running.load(Ordering::Acquire),
             "worker 1 runs its relay"
         );
         assert!(!registry.relays[1].running.load(Ordering::Acquire));
+        let wait = Duration::from_secs(10);
+        let none = BTreeMap::new();
         for (i, s) in ["one", "two", "three"].into_iter().enumerate() {
-            assert_eq!(registry.publish("news", &BTreeMap::new(), &text(s)), 2, "publish {i}");
-            let wait = Duration::from_secs(10);
-            assert_eq!(a.recv_timeout(wait).expect("worker 1 woken (relay)"), text(s));
-            assert_eq!(b.recv_timeout(wait).expect("worker 2 woken (directly)"), text(s));
+            assert_eq!(registry.publish("news", &none, &text(s)), 2, "publish {i}");
+            assert_eq!(a.recv_timeout(wait).expect("worker 1 (relay)"), text(s));
+            assert_eq!(b.recv_timeout(wait).expect("worker 2 (directly)"), text(s));
         }
-        assert_eq!(registry.stats.delivered.load(Ordering::Relaxed), 6);
+        // Filters are checked for subscribers on a relay's worker too.
+        a_conn.set_info(ConnInfo {
+            sub_meta: BTreeMap::from([("user".to_owned(), "alice".to_owned())]),
+            channels: vec!["news".to_owned()],
+            ..ConnInfo::default()
+        });
+        let from_alice = BTreeMap::from([("sender".to_owned(), "alice".to_owned())]);
+        assert_eq!(registry.publish("news", &from_alice, &text("own")), 1);
+        assert_eq!(registry.publish("news", &none, &text("four")), 2);
+        assert_eq!(b.recv_timeout(wait).expect("b"), text("own"));
+        assert_eq!(b.recv_timeout(wait).expect("b"), text("four"));
+        assert_eq!(
+            a.recv_timeout(wait).expect("a"),
+            text("four"),
+            "alice's own message skipped"
+        );
+        assert_eq!(registry.stats.filtered.load(Ordering::Relaxed), 1);
+        assert_eq!(registry.stats.delivered.load(Ordering::Relaxed), 9);
     }
 
     #[test]
@@ -641,31 +708,34 @@ mod tests {
     }
 
     #[test]
-    fn a_stopped_relay_hands_back_to_direct_wakes() {
-        let registry = Arc::new(Registry::with_workers(1));
+    fn a_stopped_relay_hands_its_jobs_back_to_the_publisher() {
+        let registry = Registry::with_workers(1);
         let relay = &registry.relays[0];
         relay.running.store(true, Ordering::Release);
-        let woken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        struct Count(Arc<std::sync::atomic::AtomicUsize>);
-        impl std::task::Wake for Count {
-            fn wake(self: Arc<Self>) {
-                self.0.fetch_add(1, Ordering::SeqCst);
-            }
-        }
-        let waker = std::task::Waker::from(Arc::new(Count(woken.clone())));
-        // Handed over while the relay looked running, but nobody polls it: the guard of a
-        // relay that ends wakes what is left.
-        let mut batch = RelayBatch::new(&registry.relays);
-        batch.wake(1, waker.clone());
-        batch.finish();
-        assert_eq!(woken.load(Ordering::SeqCst), 0, "queued for the relay");
-        drop(RelayRunning(relay));
-        assert_eq!(woken.load(Ordering::SeqCst), 1, "woken when the relay stopped");
-        // Once stopped, wakers are woken at once.
-        let mut batch = RelayBatch::new(&registry.relays);
-        batch.wake(1, waker);
-        assert_eq!(woken.load(Ordering::SeqCst), 2);
-        batch.finish();
-        assert!(lock(&relay.queue).is_empty());
+        // A connection of worker 1 (whose relay looks running, but nobody polls it).
+        crate::worker::set_current(1);
+        let conn = registry.register("a".into(), "r".into(), 1 << 20);
+        crate::worker::set_current(0);
+        registry.subscribe(&conn, "news", &[]);
+        let none = BTreeMap::new();
+        let drained = || {
+            let mut out = Vec::new();
+            conn.mailbox.drain(&mut out);
+            out
+        };
+        assert_eq!(registry.publish("news", &none, &text("1")), 1);
+        assert_eq!(drained(), vec![], "handed to the relay, not queued yet");
+        assert_eq!(registry.stats.delivered.load(Ordering::Relaxed), 0);
+        // The guard of a relay that ends runs what was handed over after its last poll.
+        drop(RelayRunning {
+            relay,
+            stats: &registry.stats,
+        });
+        assert_eq!(registry.stats.delivered.load(Ordering::Relaxed), 1);
+        // Once stopped, publishes are delivered by the publishing thread.
+        assert_eq!(registry.publish("news", &none, &text("2")), 1);
+        assert_eq!(drained(), vec![text("1"), text("2")]);
+        assert_eq!(registry.stats.delivered.load(Ordering::Relaxed), 2);
+        assert!(lock(&relay.jobs).is_empty());
     }
 }

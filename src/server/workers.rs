@@ -7,8 +7,8 @@
 //! work-stealing runtime does on almost every message (measured in `docs/PERFORMANCE.md`).
 //! The process's main runtime keeps the rest: the admin listener, the publish API, the NATS
 //! bridge, route reloads, the control client and span export. A publish reaches the
-//! subscribers on a worker through the worker's wake relay (`Registry::wake_relay`, which each
-//! worker runs): one cross-thread wake per worker and publish.
+//! subscribers on a worker through the worker's delivery relay (`Registry::relay`, which each
+//! worker runs): one job and one cross-thread wake per worker and publish.
 //!
 //! The kernel hands each new connection to one of the workers waiting in `accept`; a busy
 //! worker is not waiting, so new connections go to the idle ones.
@@ -72,7 +72,7 @@ pub fn start(n: usize, listener: TcpListener, gw: &Arc<Gateway>, stop: &Cancella
 async fn serve(index: usize, listener: StdListener, gw: Arc<Gateway>, stop: CancellationToken) {
     // Publishes from other threads wake this worker's connections through its relay.
     let registry = gw.registry.clone();
-    tokio::spawn(async move { registry.wake_relay(index).await });
+    tokio::spawn(async move { registry.relay(index).await });
     match TcpListener::from_std(listener) {
         Ok(listener) => super::accept_loop(listener, gw.clone(), stop).await,
         Err(e) => {
