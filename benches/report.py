@@ -69,13 +69,50 @@ def pct(a, b):
     return f"{(a / b - 1) * 100:+.1f} %"
 
 
-def echo_row(first, second, r):
-    """One row of an echo table: rate, latencies, CPU, generator CPU and load."""
+def echo_row(first, second, r, backend_column=True):
+    """One row of an echo table: rate, latencies, CPU, (backend CPU,) generator CPU and load."""
     if r.get("failed") or not r:
-        return f"| {first} | {second} | failed | | | | | | | |"
+        return f"| {first} | {second} | failed | | | | | | |{' |' if backend_column else ''} |"
+    backend = ""
+    if backend_column:
+        backend = (num(r.get("env_cpu_us_per_msg"), 2) if second != "direct" else "–") + " | "
     return (f"| {first} | {second} | {num(r.get('msgs_per_s'), 0)} | {num(r.get('p50_ms'), 2)} | "
             f"{num(r.get('p99_ms'), 2)} | {num(r.get('p999_ms'), 2)} | {num(r.get('cpu_us_per_msg'), 2)} | "
-            f"{num(r.get('cpu_util'), 2)} | {num(r.get('gen_cpu_us_per_msg'), 2)} | {num(r.get('loadavg_before'), 2)} |")
+            f"{num(r.get('cpu_util'), 2)} | {backend}{num(r.get('gen_cpu_us_per_msg'), 2)} | {num(r.get('loadavg_before'), 2)} |")
+
+
+def chain_section(rows, w):
+    """CPU per message of the whole chain (generator + target + backend) for the throughput
+    targets against "direct": on cores shared by all three, throughput follows it."""
+    cases = [(f"echo ×{k}", f"echo{k}", "msg", "msgs_per_s", 0.5) for k in (1, 16)]
+    cases.append(("http", "http", "req", "reqs_per_s", 0.7))
+    lines = []
+    for name, key, unit, rate, target in cases:
+        ws, d = rows.get(f"{key}:wsgate", {}), rows.get(f"{key}:direct", {})
+        parts = [ws.get(f"gen_cpu_us_per_{unit}"), ws.get(f"cpu_us_per_{unit}"), ws.get(f"env_cpu_us_per_{unit}"),
+                 d.get(f"gen_cpu_us_per_{unit}"), d.get(f"cpu_us_per_{unit}")]
+        if any(v is None for v in parts) or not ws.get(rate) or not d.get(rate):
+            continue
+        gen_w, gw, be, gen_d, srv_d = parts
+        chain_w, chain_d = gen_w + gw + be, gen_d + srv_d
+        budget = chain_d / target - gen_w - be
+        lines.append(f"| {name} | {num(gen_w, 2)} + {num(gw, 2)} + {num(be, 2)} = {num(chain_w, 2)} | "
+                     f"{num(gen_d, 2)} + {num(srv_d, 2)} = {num(chain_d, 2)} | {ratio(chain_d, chain_w)} | "
+                     f"{ratio(ws[rate], d[rate])} | {num(budget, 2)} ({target}×) | {num(gw, 2)} |")
+    if not lines:
+        return
+    w("### Where the shared cores go (CPU µs per message of the whole chain)\n")
+    w("The generator, the backend and the target share the machine's cores, so each target's "
+      "throughput follows the CPU its whole chain spends per message. The last two columns: "
+      "how much gateway CPU per message the throughput target leaves (the direct chain's cost "
+      "divided by the target ratio, minus the generator's and the backend's cost measured with "
+      "wsgate), and what the gateway spent.\n")
+    w("| scenario | wsgate chain: gen + gateway + backend | direct chain: gen + server | "
+      "direct chain / wsgate chain | measured throughput ratio | gateway CPU the target leaves | gateway CPU measured |")
+    w("|---|---:|---:|---:|---:|---:|---:|")
+    for l in lines:
+        w(l)
+    w("")
 
 
 def tracing_section(rows, w):
@@ -108,7 +145,7 @@ def tracing_section(rows, w):
     w("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for k in rounds:
         for m in modes:
-            w(echo_row(k, m, runs.get((k, m), {})))
+            w(echo_row(k, m, runs.get((k, m), {}), backend_column=False))
 
     def paired(key, num_mode, den):
         """Per round: value(num_mode) / den(round)."""
@@ -221,12 +258,12 @@ def main():
       "between targets measured back to back in this run are what count.")
     w("- CPU is utime+stime of the target's process tree from /proc (Pushpin: runner, condure, "
       "pushpin-proxy, pushpin-handler and zurl); the backend's and the generator's CPU are not "
-      "included (the generator's is shown separately as \"gen\").\n")
+      "included in it (they are shown separately as \"backend\" and \"gen\").\n")
 
     # ---------------------------------------------------------------- echo
     w("## Echo (64-byte messages, closed loop)\n")
-    w("| in flight | target | msgs/s | p50 ms | p99 ms | p99.9 ms | CPU µs/msg | target CPU cores | gen CPU µs/msg | load |")
-    w("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    w("| in flight | target | msgs/s | p50 ms | p99 ms | p99.9 ms | CPU µs/msg | target CPU cores | backend CPU µs/msg | gen CPU µs/msg | load |")
+    w("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for k in (1, 16):
         for t in ("wsgate", "direct", "pushpin"):
             lab = f"echo{k}:{t}"
@@ -254,20 +291,22 @@ def main():
 
     # ---------------------------------------------------------------- http
     w("## HTTP pass-through (GET, keep-alive, small response)\n")
-    w("| target | req/s | p50 ms | p99 ms | CPU µs/req | gen CPU µs/req | vs direct |")
-    w("|---|---:|---:|---:|---:|---:|---:|")
+    w("| target | req/s | p50 ms | p99 ms | CPU µs/req | backend CPU µs/req | gen CPU µs/req | vs direct |")
+    w("|---|---:|---:|---:|---:|---:|---:|---:|")
     d = get(rows, "http:direct", "reqs_per_s")
     for t in ("wsgate", "direct", "pushpin"):
         r = rows.get(f"http:{t}", {})
         if r.get("failed") or not r:
-            w(f"| {t} | failed | | | | | |")
+            w(f"| {t} | failed | | | | | | |")
             continue
+        backend = num(r.get("env_cpu_us_per_req"), 2) if t != "direct" else "–"
         w(f"| {t} | {num(r.get('reqs_per_s'), 0)} | {num(r.get('p50_ms'), 2)} | {num(r.get('p99_ms'), 2)} | "
-          f"{num(r.get('cpu_us_per_req'), 2)} | {num(r.get('gen_cpu_us_per_req'), 2)} | {ratio(r.get('reqs_per_s'), d)} |")
+          f"{num(r.get('cpu_us_per_req'), 2)} | {backend} | {num(r.get('gen_cpu_us_per_req'), 2)} | {ratio(r.get('reqs_per_s'), d)} |")
     hw = get(rows, "http:wsgate", "reqs_per_s")
     if hw and d:
         checks.add("http: ≥ 0.7× the backend's direct rate", f"{hw / d:.2f}×", hw / d >= 0.7)
     w("\n\"direct\" is the load generator straight at the backend (the HTTP leg's limit); its CPU column is the backend's.\n")
+    chain_section(rows, w)
 
     # ---------------------------------------------------------------- fanout
     fan = sorted({int(l[6:].split(":")[0]) for l in rows if l.startswith("fanout")})

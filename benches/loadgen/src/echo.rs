@@ -31,6 +31,9 @@ pub async fn run(a: &Args) -> Result<()> {
     let concurrency: usize = a.get("concurrency", 64)?;
     let sources: usize = a.get("sources", 50)?;
     let watch: Vec<u32> = a.list("watch-pid")?;
+    // The rest of the chain under test (the backend behind a gateway): its CPU is reported
+    // apart from the target's.
+    let env: Vec<u32> = a.list("env-pid")?;
     let label = a.opt("label").unwrap_or_default();
     a.finish()?;
     if conns == 0 || inflight == 0 || conns > 19_000 {
@@ -43,6 +46,7 @@ pub async fn run(a: &Args) -> Result<()> {
     let frame: Arc<[u8]> = Arc::from(&frame[..]);
 
     let before = stats::sample(&watch);
+    let env_before = stats::sample(&env);
     let self_before = stats::self_cpu_us();
     let load_before = stats::loadavg();
     let start = Instant::now();
@@ -53,6 +57,7 @@ pub async fn run(a: &Args) -> Result<()> {
         .collect();
     tokio::time::sleep_until(deadline.into()).await;
     let after = stats::sample(&watch);
+    let env_after = stats::sample(&env);
     let self_after = stats::self_cpu_us();
     let elapsed = start.elapsed().as_secs_f64();
 
@@ -95,6 +100,7 @@ pub async fn run(a: &Args) -> Result<()> {
         .num("procs", after.procs as f64)
         .num("rss_kib", after.rss_kib as f64)
         .num("gen_cpu_us_per_msg", (self_after - self_before) / n)
+        .num("env_cpu_us_per_msg", (env_after.cpu_us - env_before.cpu_us) / n)
         .num("gen_cpu_util", (self_after - self_before) / 1e6 / elapsed)
         .num("loadavg_before", load_before)
         .num("loadavg_after", stats::loadavg())

@@ -26,6 +26,9 @@ pub async fn run(a: &Args) -> Result<()> {
     let body_size: usize = a.get("body-size", 0)?;
     let sources: usize = a.get("sources", 50)?;
     let watch: Vec<u32> = a.list("watch-pid")?;
+    // The rest of the chain under test (the backend behind a gateway): its CPU is reported
+    // apart from the target's.
+    let env: Vec<u32> = a.list("env-pid")?;
     let label = a.opt("label").unwrap_or_default();
     a.finish()?;
     if conns == 0 || conns > 10_000 {
@@ -39,6 +42,7 @@ pub async fn run(a: &Args) -> Result<()> {
         opened.push(httpc::Conn::open(&target, Some(ws::source_ip(i, sources))).await?);
     }
     let before = stats::sample(&watch);
+    let env_before = stats::sample(&env);
     let self_before = stats::self_cpu_us();
     let load_before = stats::loadavg();
     let start = Instant::now();
@@ -75,6 +79,7 @@ pub async fn run(a: &Args) -> Result<()> {
         .collect();
     tokio::time::sleep_until(deadline.into()).await;
     let after = stats::sample(&watch);
+    let env_after = stats::sample(&env);
     let self_after = stats::self_cpu_us();
     let elapsed = start.elapsed().as_secs_f64();
     let (mut ok, mut bad, mut errors) = (0u64, 0u64, 0u64);
@@ -112,6 +117,7 @@ pub async fn run(a: &Args) -> Result<()> {
         .num("cpu_util", (after.cpu_us - before.cpu_us) / 1e6 / elapsed)
         .num("procs", after.procs as f64)
         .num("gen_cpu_us_per_req", (self_after - self_before) / n)
+        .num("env_cpu_us_per_req", (env_after.cpu_us - env_before.cpu_us) / n)
         .num("loadavg_before", load_before)
         .num("loadavg_after", stats::loadavg())
         .num("errors", errors as f64)

@@ -23,14 +23,15 @@ loadgen SUBCOMMAND [--threads N] [--name value ...]
 
 Load:
   echo        --url ws://H:P/path [--conns 100] [--inflight 1] [--size 64] [--duration 5]
-              [--concurrency 64] [--sources 50] [--watch-pid PID ...] [--label L]
+              [--concurrency 64] [--sources 50] [--watch-pid PID ...] [--env-pid PID ...]
+              [--label L]
   idle        --url ws://H:P/path --steps 1000,5000,19000 [--procs 4] [--concurrency 64]
               [--sources 100] [--settle 1] [--hold 0] [--watch-pid PID ...] [--label L]
   fanout      --url ws://H:P/fanout/CHANNEL --publish-url http://H:P/publish/ [--channel bench]
               [--subs 1000] [--publishes 100] [--rounds 0,0.05] [--size 64] [--timeout 60]
               [--concurrency 128] [--sources 100] [--watch-pid PID ...] [--label L]
   http        --url http://H:P/path [--conns 50] [--duration 5] [--method GET] [--body-size 0]
-              [--sources 50] [--watch-pid PID ...] [--label L]
+              [--sources 50] [--watch-pid PID ...] [--env-pid PID ...] [--label L]
 Servers (print `ready ADDR`, exit after --max-time seconds):
   echo-server [--listen 127.0.0.1:0] [--max-time 1200]   tokio-tungstenite echo (baseline)
   backend     [--listen 127.0.0.1:0] [--max-time 1200]   WebSocket-over-HTTP backend

@@ -2,25 +2,22 @@
 //!
 //! * `echo-server`: a plain tokio-tungstenite echo server with default settings: the limit of
 //!   the WebSocket leg.
-//! * `backend`: a fast WebSocket-over-HTTP backend (hyper). It answers `OPEN` with `OPEN`
+//! * `backend`: a fast WebSocket-over-HTTP backend. It answers `OPEN` with `OPEN`
 //!   (on `/fanout/<channel>` also with `Sec-WebSocket-Extensions: grip` and a `subscribe`
 //!   control message), echoes `TEXT`/`BINARY`/`CLOSE` on other paths, and answers any other
-//!   request with a small `200`.
+//!   request with a small `200`. A minimal HTTP/1.1 server (keep-alive, pipelining,
+//!   `Content-Length` and chunked request bodies; each batch of requests read together is
+//!   answered with one write): the backend sits in the chains the gateway is compared with,
+//!   so it should cost as little per request as the direct echo server does per message.
 //!
 //! Both print `ready ADDR` on stdout once bound and exit after `--max-time` seconds.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Result, bail};
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::{StreamExt, TryStreamExt};
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 
@@ -98,47 +95,196 @@ pub async fn echo_server(a: &Args) -> Result<()> {
 pub async fn backend(a: &Args) -> Result<()> {
     let (listener, max_time) = bind(a).await?;
     accept_loop(listener, max_time, |stream| async move {
-        let _ = hyper::server::conn::http1::Builder::new()
-            .serve_connection(TokioIo::new(stream), service_fn(handle))
-            .await;
+        if let Err(e) = serve_h1(stream).await {
+            // Peers that reset or close mid-request are normal at the end of a run.
+            if e.kind() == std::io::ErrorKind::InvalidData {
+                eprintln!("backend: {e}");
+            }
+        }
     })
     .await
 }
 
-fn response(status: StatusCode, content_type: &str, body: Bytes) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(body));
-    *r.status_mut() = status;
-    if let Ok(v) = hyper::header::HeaderValue::from_str(content_type) {
-        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
-    }
-    r
+const MAX_HEAD: usize = 64 << 10;
+const MAX_HEADERS: usize = 64;
+
+fn invalid(what: &str) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned())
 }
 
-async fn handle(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
-    let is_events = req
-        .headers()
-        .get(hyper::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(EVENTS.as_bytes()));
-    if req.method() != hyper::Method::POST || !is_events {
-        return Ok(response(StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n")));
-    }
-    let channel = req.uri().path().strip_prefix("/fanout/").map(str::to_owned);
-    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => return Ok(response(StatusCode::BAD_REQUEST, "text/plain", Bytes::new())),
+/// One request, parsed far enough to answer it.
+struct Req {
+    /// Bytes of the head.
+    head: usize,
+    events: bool,
+    /// `/fanout/<channel>`.
+    channel: Option<String>,
+    body: Framing,
+    keep_alive: bool,
+}
+
+enum Framing {
+    Length(usize),
+    Chunked,
+}
+
+fn parse_request(buf: &[u8]) -> std::io::Result<Option<Req>> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let head = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => return Err(invalid("request head too large")),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(invalid(&format!("bad request: {e}"))),
     };
-    match answer(&body, channel.as_deref()) {
-        Ok((out, opened)) => {
-            let mut r = response(StatusCode::OK, EVENTS, out);
-            if opened && channel.is_some() {
-                r.headers_mut().insert(
-                    "sec-websocket-extensions",
-                    hyper::header::HeaderValue::from_static("grip"),
-                );
+    let http11 = req.version == Some(1);
+    let mut keep_alive = http11;
+    let mut events = false;
+    let mut body = Framing::Length(0);
+    for h in req.headers.iter() {
+        if h.name.eq_ignore_ascii_case("content-type") {
+            events = h.value.starts_with(EVENTS.as_bytes());
+        } else if h.name.eq_ignore_ascii_case("content-length") {
+            let n = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .ok_or_else(|| invalid("bad content-length"))?;
+            if n > MAX_BODY {
+                return Err(invalid("request body too large"));
             }
-            Ok(r)
+            body = Framing::Length(n);
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            if !h.value.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+                return Err(invalid("unsupported transfer-encoding"));
+            }
+            body = Framing::Chunked;
+        } else if h.name.eq_ignore_ascii_case("connection") {
+            for t in h.value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+                if t.eq_ignore_ascii_case(b"close") {
+                    keep_alive = false;
+                } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                    keep_alive = true;
+                }
+            }
         }
-        Err(()) => Ok(response(StatusCode::BAD_REQUEST, "text/plain", Bytes::new())),
+    }
+    let events = events && req.method == Some("POST");
+    let channel = req
+        .path
+        .and_then(|p| p.strip_prefix("/fanout/"))
+        .map(|c| c.split('?').next().unwrap_or(c).to_owned());
+    Ok(Some(Req {
+        head,
+        events,
+        channel,
+        body,
+        keep_alive,
+    }))
+}
+
+/// Decodes a complete chunked body at the front of `buf`: `(body, bytes used)`, or `None`
+/// when more bytes are needed. Trailers are skipped.
+fn dechunk(buf: &[u8]) -> std::io::Result<Option<(Vec<u8>, usize)>> {
+    let mut out = Vec::new();
+    let mut pos = 0;
+    loop {
+        let Some(eol) = buf[pos..].windows(2).position(|w| w == b"\r\n") else {
+            return Ok(None);
+        };
+        let line = &buf[pos..pos + eol];
+        let hex = line.split(|b| *b == b';').next().unwrap_or(line).trim_ascii();
+        let size = std::str::from_utf8(hex)
+            .ok()
+            .and_then(|h| usize::from_str_radix(h, 16).ok())
+            .ok_or_else(|| invalid("bad chunk size"))?;
+        pos += eol + 2;
+        if size == 0 {
+            // Trailer lines up to an empty line.
+            loop {
+                let Some(eol) = buf[pos..].windows(2).position(|w| w == b"\r\n") else {
+                    return Ok(None);
+                };
+                pos += eol + 2;
+                if eol == 0 {
+                    return Ok(Some((out, pos)));
+                }
+            }
+        }
+        if out.len() + size > MAX_BODY {
+            return Err(invalid("request body too large"));
+        }
+        if buf.len() < pos + size + 2 {
+            return Ok(None);
+        }
+        out.extend_from_slice(&buf[pos..pos + size]);
+        pos += size + 2;
+    }
+}
+
+fn put_response(out: &mut Vec<u8>, status: &str, content_type: &str, grip: bool, body: &[u8], close: bool) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_bytes());
+    out.extend_from_slice(b"\r\ncontent-type: ");
+    out.extend_from_slice(content_type.as_bytes());
+    if grip {
+        out.extend_from_slice(b"\r\nsec-websocket-extensions: grip");
+    }
+    if close {
+        out.extend_from_slice(b"\r\nconnection: close");
+    }
+    out.extend_from_slice(format!("\r\ncontent-length: {}\r\n\r\n", body.len()).as_bytes());
+    out.extend_from_slice(body);
+}
+
+/// Serves one connection: every complete request in the buffer is answered, the answers go
+/// out in one write, then the socket is read again.
+async fn serve_h1(mut stream: tokio::net::TcpStream) -> std::io::Result<()> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = BytesMut::with_capacity(8 << 10);
+    let mut out = Vec::with_capacity(8 << 10);
+    loop {
+        let mut close = false;
+        while !close {
+            let Some(req) = parse_request(&buf)? else { break };
+            let (body, used) = match req.body {
+                Framing::Length(n) if buf.len() >= req.head + n => (None, req.head + n),
+                Framing::Length(_) => break,
+                Framing::Chunked => match dechunk(&buf[req.head..])? {
+                    Some((body, n)) => (Some(body), req.head + n),
+                    None => break,
+                },
+            };
+            let body = body.as_deref().unwrap_or(&buf[req.head..used]);
+            close = !req.keep_alive;
+            if !req.events {
+                put_response(&mut out, "200 OK", "text/plain", false, b"ok\n", close);
+            } else {
+                match answer(body, req.channel.as_deref()) {
+                    Ok((events, opened)) => {
+                        let grip = opened && req.channel.is_some();
+                        put_response(&mut out, "200 OK", EVENTS, grip, &events, close);
+                    }
+                    Err(()) => {
+                        close = true;
+                        put_response(&mut out, "400 Bad Request", "text/plain", false, b"", true);
+                    }
+                }
+            }
+            let _ = buf.split_to(used);
+        }
+        if !out.is_empty() {
+            stream.write_all(&out).await?;
+            out.clear();
+        }
+        if close {
+            return Ok(());
+        }
+        if buf.capacity() - buf.len() < 4096 {
+            buf.reserve(8 << 10);
+        }
+        if stream.read_buf(&mut buf).await? == 0 {
+            return Ok(());
+        }
     }
 }
 
@@ -206,6 +352,33 @@ mod tests {
             s,
             "OPEN\r\nTEXT 28\r\nc:{\"type\":\"subscribe\",\"channel\":\"bench\"}\r\n"
         );
+    }
+
+    #[test]
+    fn requests_parse_with_their_framing() {
+        let r = parse_request(b"POST /fanout/news?x=1 HTTP/1.1\r\nContent-Type: application/websocket-events\r\nContent-Length: 6\r\n\r\nOPEN\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(r.events && r.keep_alive);
+        assert_eq!(r.channel.as_deref(), Some("news"));
+        assert!(matches!(r.body, Framing::Length(6)));
+        let r = parse_request(b"GET /http HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(!r.events && !r.keep_alive && r.channel.is_none());
+        assert!(
+            parse_request(b"GET /http HTTP/1.1\r\nHost: x").unwrap().is_none(),
+            "partial"
+        );
+        assert!(parse_request(b"GET /http HTTP/1.1\r\nContent-Length: x\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn chunked_bodies_are_decoded() {
+        let (body, used) = dechunk(b"6\r\nOPEN\r\n\r\n0\r\n\r\nNEXT").unwrap().unwrap();
+        assert_eq!((&body[..], used), (&b"OPEN\r\n"[..], 16));
+        assert!(dechunk(b"6\r\nOPEN").unwrap().is_none());
+        assert!(dechunk(b"zz\r\n").is_err());
     }
 
     #[test]
