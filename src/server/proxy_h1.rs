@@ -164,8 +164,9 @@ async fn exchange(
 ) -> Result<(Conn, h1::Head), BackendError> {
     let retryable = body.is_none();
     let mut body = body;
-    if let Some(stream) = pool.checkout(authority) {
+    if let Some((stream, buf)) = pool.checkout(authority) {
         let mut conn = Conn::new(stream, Sender::new(head.clone(), body.take()), pool.head_limits());
+        conn.buf = buf;
         match std::future::poll_fn(|cx| conn.poll_head(cx, retryable)).await {
             Ok(h) => return Ok((conn, h)),
             Err(Failure::Stale) => {}
@@ -400,24 +401,15 @@ impl Conn {
                 }
             }
             if !self.buf.is_empty() {
-                match h1::parse_head(&self.buf, self.head_limits.max_headers)? {
+                match h1::parse_head(&mut self.buf, self.head_limits)? {
                     Some(head) if head.status == StatusCode::SWITCHING_PROTOCOLS => {
                         return Poll::Ready(Err(failed(
                             "invalid response",
                             "101 Switching Protocols to a request without an upgrade",
                         )));
                     }
-                    Some(head) if head.status.is_informational() => {
-                        self.buf.advance(head.len);
-                        continue;
-                    }
-                    Some(head) => {
-                        self.buf.advance(head.len);
-                        return Poll::Ready(Ok(head));
-                    }
-                    None if self.buf.len() >= self.head_limits.max_bytes => {
-                        return Poll::Ready(Err(failed("reading the response", "response head too large")));
-                    }
+                    Some(head) if head.status.is_informational() => continue,
+                    Some(head) => return Poll::Ready(Ok(head)),
                     None => {}
                 }
             }
@@ -498,7 +490,7 @@ impl BackendBody {
             && conn.buf.is_empty()
             && !matches!(self.remaining, Remaining::UntilClose);
         if reusable {
-            self.pool.checkin(self.authority.as_str(), conn.stream);
+            self.pool.checkin(self.authority.as_str(), conn.stream, conn.buf);
         }
     }
 

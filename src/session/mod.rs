@@ -1026,7 +1026,7 @@ impl Session {
     }
 
     fn apply_keep_alive(&mut self, headers: &HeaderMap) {
-        let Some(v) = headers.get("keep-alive-interval") else {
+        let Some(v) = headers.get(&KEEP_ALIVE_INTERVAL) else {
             return;
         };
         let secs = v.to_str().ok().and_then(|s| s.trim().parse::<i64>().ok());
@@ -1081,7 +1081,7 @@ impl Session {
     /// Puts content the backend did not accept (`Content-Bytes-Accepted`) back at the queue's front.
     fn requeue_unaccepted(&mut self, inflight: &InFlight, headers: &HeaderMap) {
         let Some(accepted) = headers
-            .get("content-bytes-accepted")
+            .get(&CONTENT_BYTES_ACCEPTED)
             .and_then(|v| v.to_str().ok())
             .and_then(|s| s.trim().parse::<usize>().ok())
         else {
@@ -1173,12 +1173,14 @@ impl Session {
     }
 
     fn send_request(&mut self, kind: RequestKind, events: Vec<Event>) {
-        let first = if kind == RequestKind::Open {
-            vec![Event::Open]
+        let events = if kind == RequestKind::Open {
+            let mut with_open = Vec::with_capacity(events.len() + 1);
+            with_open.push(Event::Open);
+            with_open.extend(events);
+            with_open
         } else {
-            Vec::new()
+            events
         };
-        let events: Vec<Event> = first.into_iter().chain(events).collect();
         let len: usize = events.iter().map(Event::encoded_len).sum();
         let mut body = BytesMut::with_capacity(len);
         let mut content = 0usize;
@@ -1214,12 +1216,18 @@ impl Session {
 /// (parameters tolerated).
 pub fn is_accepted(status: StatusCode, headers: &HeaderMap) -> bool {
     status == StatusCode::OK
-        && headers
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(|v| v.split(';').next().unwrap_or("").trim())
-            .is_some_and(|m| m.eq_ignore_ascii_case("application/websocket-events"))
+        && headers.get(http::header::CONTENT_TYPE).is_some_and(|v| {
+            // The media type, before any parameter; compared as bytes (it is ASCII).
+            let b = v.as_bytes();
+            let media = b.iter().position(|&c| c == b';').map_or(b, |i| &b[..i]);
+            media.trim_ascii().eq_ignore_ascii_case(b"application/websocket-events")
+        })
 }
+
+/// `Keep-Alive-Interval` (a name the `http` crate has no constant for).
+static KEEP_ALIVE_INTERVAL: HeaderName = HeaderName::from_static("keep-alive-interval");
+/// `Content-Bytes-Accepted`.
+static CONTENT_BYTES_ACCEPTED: HeaderName = HeaderName::from_static("content-bytes-accepted");
 
 fn is_hop_by_hop(name: &str) -> bool {
     matches!(

@@ -126,8 +126,9 @@ pub fn start_request(
     let route = &conn.template.route;
     if conn.template.uri.scheme() == Some(&http::uri::Scheme::HTTP) {
         // The in-task client: the exchange is polled by this connection's task, no hop.
-        let head = conn.template.http1_head(req, now_unix, &span);
-        let body = req.body.clone();
+        let mut head = conn.template.http1_head(req, now_unix, &span);
+        // A small body goes behind the head (no reference to it is kept).
+        let body = super::h1::coalesce(&mut head, &req.body);
         let pool = conn.pool.h1.clone();
         let uri = conn.template.uri.clone();
         let ex = super::h1::ExchangeLimits {

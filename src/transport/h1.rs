@@ -47,8 +47,13 @@ const COALESCE_BODY: usize = 16 * 1024;
 
 struct Idle {
     stream: TcpStream,
+    /// The connection's read buffer, kept for its next response (empty; not held when large).
+    buf: BytesMut,
     since: Instant,
 }
+
+/// Largest read buffer an idle connection keeps for its next response.
+const KEEP_BUF: usize = 16 * 1024;
 
 /// FNV-1a: keys are backend addresses from the configuration (no flooding concern), and this
 /// lookup runs twice per backend request.
@@ -138,8 +143,9 @@ impl H1Pool {
         lock(&self.shards[i])
     }
 
-    /// The most recently used idle connection to `authority` that still looks open.
-    pub(crate) fn checkout(&self, authority: &str) -> Option<TcpStream> {
+    /// The most recently used idle connection to `authority` that still looks open, with the
+    /// read buffer it was checked in with (reused when nothing refers to its bytes any more).
+    pub(crate) fn checkout(&self, authority: &str) -> Option<(TcpStream, BytesMut)> {
         let now = Instant::now();
         loop {
             let idle = {
@@ -155,12 +161,13 @@ impl H1Pool {
                 continue;
             }
             if looks_open(&idle.stream) {
-                return Some(idle.stream);
+                return Some((idle.stream, idle.buf));
             }
         }
     }
 
-    pub(crate) fn checkin(self: &Arc<Self>, authority: &str, stream: TcpStream) {
+    /// Keeps `stream` for the next request to `authority`, with `buf` (emptied) when small.
+    pub(crate) fn checkin(self: &Arc<Self>, authority: &str, stream: TcpStream, mut buf: BytesMut) {
         if self.max_idle_per_host == 0 || self.idle_timeout.is_zero() {
             return;
         }
@@ -171,8 +178,13 @@ impl H1Pool {
             None => map.entry(authority.into()).or_default(),
         };
         if list.len() < self.max_idle_per_host {
+            buf.clear();
+            if buf.capacity() > KEEP_BUF {
+                buf = BytesMut::new();
+            }
             list.push(Idle {
                 stream,
+                buf,
                 since: Instant::now(),
             });
         }
@@ -201,11 +213,11 @@ impl H1Pool {
         limits: ExchangeLimits,
     ) -> Result<BackendResponse, BackendError> {
         let request = Request::new(head, body);
-        if let Some(stream) = self.checkout(authority) {
-            match roundtrip(stream, &request, &limits, self.head).await {
+        if let Some((stream, buf)) = self.checkout(authority) {
+            match roundtrip(stream, buf, &request, &limits, self.head).await {
                 Ok((resp, keep)) => {
-                    if let Some(s) = keep {
-                        self.checkin(authority, s);
+                    if let Some((s, buf)) = keep {
+                        self.checkin(authority, s, buf);
                     }
                     return Ok(resp);
                 }
@@ -214,10 +226,10 @@ impl H1Pool {
             }
         }
         let stream = connect(authority, limits.connect).await?;
-        match roundtrip(stream, &request, &limits, self.head).await {
+        match roundtrip(stream, BytesMut::new(), &request, &limits, self.head).await {
             Ok((resp, keep)) => {
-                if let Some(s) = keep {
-                    self.checkin(authority, s);
+                if let Some((s, buf)) = keep {
+                    self.checkin(authority, s, buf);
                 }
                 Ok(resp)
             }
@@ -289,26 +301,28 @@ pub(crate) async fn connect(authority: &str, timeout: Duration) -> Result<TcpStr
     Ok(stream)
 }
 
-/// A request ready to write: the head, with the body copied behind it when small.
+/// A request ready to write: the head, with the body copied behind it when small (not frozen
+/// into `Bytes`, which would allocate).
 struct Request {
-    first: Bytes,
+    first: BytesMut,
     second: Bytes,
 }
 
 impl Request {
     fn new(mut head: BytesMut, body: Bytes) -> Self {
-        if body.len() <= COALESCE_BODY {
-            head.extend_from_slice(&body);
-            Self {
-                first: head.freeze(),
-                second: Bytes::new(),
-            }
-        } else {
-            Self {
-                first: head.freeze(),
-                second: body,
-            }
-        }
+        let second = coalesce(&mut head, &body);
+        Self { first: head, second }
+    }
+}
+
+/// Copies `body` behind `head` when it is small enough to go out in the same write; returns
+/// what is left to send after the head (empty when copied).
+pub(crate) fn coalesce(head: &mut BytesMut, body: &Bytes) -> Bytes {
+    if body.len() <= COALESCE_BODY {
+        head.extend_from_slice(body);
+        Bytes::new()
+    } else {
+        body.clone()
     }
 }
 
@@ -328,13 +342,15 @@ fn failed(what: &str, e: impl std::fmt::Display) -> Failure {
     Failure::Error(BackendError::Failed(format!("{what}: {e}")))
 }
 
-/// One request and its response on `stream`; returns the stream when it can be reused.
+/// One request and its response on `stream`, read into `buf`; returns the stream and the
+/// buffer when the stream can be reused.
 async fn roundtrip(
     mut stream: TcpStream,
+    mut buf: BytesMut,
     req: &Request,
     limits: &ExchangeLimits,
     head_limits: HeadLimits,
-) -> Result<(BackendResponse, Option<TcpStream>), Failure> {
+) -> Result<(BackendResponse, Option<(TcpStream, BytesMut)>), Failure> {
     let written = async {
         stream.write_all(&req.first).await?;
         if !req.second.is_empty() {
@@ -350,22 +366,12 @@ async fn roundtrip(
             failed("writing the request", e)
         });
     }
-    let mut buf = BytesMut::with_capacity(4096);
     // Status line and headers, skipping interim (1xx) responses.
     let (status, headers, framing, keep_alive) = loop {
-        if buf.len() >= head_limits.max_bytes {
-            return Err(failed("reading the response", "response head too large"));
-        }
-        let parsed = parse_head(&buf, head_limits.max_headers)?;
+        let parsed = parse_head(&mut buf, head_limits)?;
         match parsed {
-            Some(head) if head.status.is_informational() => {
-                buf.advance(head.len);
-                continue;
-            }
-            Some(head) => {
-                buf.advance(head.len);
-                break (head.status, head.headers, head.framing, head.keep_alive);
-            }
+            Some(head) if head.status.is_informational() => continue,
+            Some(head) => break (head.status, head.headers, head.framing, head.keep_alive),
             None => {}
         }
         let seen = !buf.is_empty();
@@ -385,7 +391,10 @@ async fn roundtrip(
     };
     let (body, complete) = read_body(&mut stream, &mut buf, framing, cap, over_is_error).await?;
     let reusable = complete && keep_alive && buf.is_empty() && !matches!(framing, Framing::UntilClose);
-    Ok((BackendResponse { status, headers, body }, reusable.then_some(stream)))
+    Ok((
+        BackendResponse { status, headers, body },
+        reusable.then_some((stream, buf)),
+    ))
 }
 
 pub(crate) fn is_closed(e: &io::Error) -> bool {
@@ -415,8 +424,6 @@ pub(crate) enum Framing {
 
 /// A parsed response head.
 pub(crate) struct Head {
-    /// Bytes of the head.
-    pub len: usize,
     /// Status.
     pub status: StatusCode,
     /// Headers as received.
@@ -427,22 +434,51 @@ pub(crate) struct Head {
     pub keep_alive: bool,
 }
 
-/// Parses a complete response head at the front of `buf` (`None`: need more bytes).
-pub(crate) fn parse_head(buf: &[u8], max_headers: usize) -> Result<Option<Head>, Failure> {
+/// Where a complete head at the front of `buf` ends (just past its empty line).
+fn head_end(buf: &[u8]) -> Option<usize> {
+    let mut from = 0;
+    while let Some(i) = buf.get(from..)?.iter().position(|&b| b == b'\n') {
+        let nl = from + i;
+        match buf.get(nl + 1..)? {
+            [b'\n', ..] => return Some(nl + 2),
+            [b'\r', b'\n', ..] => return Some(nl + 3),
+            [b'\r'] | [] => return None,
+            _ => from = nl + 1,
+        }
+    }
+    None
+}
+
+/// Parses a complete response head at the front of `buf` and takes it out of `buf` (`None`:
+/// need more bytes). Header values share the head's bytes (no copy per header).
+pub(crate) fn parse_head(buf: &mut BytesMut, limits: HeadLimits) -> Result<Option<Head>, Failure> {
+    let too_large = || failed("reading the response", "response head too large");
     // Left uninitialised: httparse writes the entries it fills (initialising all 256 cost
     // about a thousand instructions per response).
     let mut raw = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS_CAP];
-    let mut resp = httparse::Response::new(&mut []);
-    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
-        &mut resp,
-        buf,
-        &mut raw[..max_headers.clamp(1, MAX_HEADERS_CAP)],
-    );
-    let len = match parsed {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(e) => return Err(failed("invalid response from the backend", e)),
+    let raw = &mut raw[..limits.max_headers.clamp(1, MAX_HEADERS_CAP)];
+    let config = httparse::ParserConfig::default();
+    let Some(end) = head_end(buf) else {
+        if buf.len() >= limits.max_bytes {
+            return Err(too_large());
+        }
+        // Incomplete; but a response that is already invalid fails now.
+        let mut resp = httparse::Response::new(&mut []);
+        return match config.parse_response_with_uninit_headers(&mut resp, buf, raw) {
+            Err(e) => Err(failed("invalid response from the backend", e)),
+            Ok(_) => Ok(None),
+        };
     };
+    if end > limits.max_bytes {
+        return Err(too_large());
+    }
+    let head = buf.split_to(end).freeze();
+    let mut resp = httparse::Response::new(&mut []);
+    match config.parse_response_with_uninit_headers(&mut resp, &head, raw) {
+        Ok(httparse::Status::Complete(n)) if n == head.len() => {}
+        Ok(_) => return Err(failed("invalid response from the backend", "malformed head")),
+        Err(e) => return Err(failed("invalid response from the backend", e)),
+    }
     let code = resp.code.unwrap_or(0);
     let status = StatusCode::from_u16(code).map_err(|e| failed("invalid response status", e))?;
     let http11 = resp.version == Some(1);
@@ -452,7 +488,8 @@ pub(crate) fn parse_head(buf: &[u8], max_headers: usize) -> Result<Option<Head>,
     let mut keep_alive = http11;
     for h in resp.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|e| failed("invalid response header", e))?;
-        let value = HeaderValue::from_bytes(h.value).map_err(|e| failed("invalid response header value", e))?;
+        let value = HeaderValue::from_maybe_shared(head.slice_ref(h.value))
+            .map_err(|e| failed("invalid response header value", e))?;
         if name == http::header::CONTENT_LENGTH {
             let n = std::str::from_utf8(h.value)
                 .ok()
@@ -500,7 +537,6 @@ pub(crate) fn parse_head(buf: &[u8], max_headers: usize) -> Result<Option<Head>,
         Framing::UntilClose
     };
     Ok(Some(Head {
-        len,
         status,
         headers,
         framing,
@@ -715,7 +751,12 @@ mod tests {
 
     #[test]
     fn heads_parse_framing_and_keep_alive() {
-        let h = |s: &[u8]| match parse_head(s, 100) {
+        let limits = |max_headers| HeadLimits {
+            max_bytes: 1024,
+            max_headers,
+        };
+        let parse = |s: &[u8], max: usize| parse_head(&mut BytesMut::from(s), limits(max));
+        let h = |s: &[u8]| match parse(s, 100) {
             Ok(Some(h)) => (h.status.as_u16(), h.framing, h.keep_alive),
             Ok(None) => panic!("partial"),
             Err(_) => panic!("error"),
@@ -747,23 +788,39 @@ mod tests {
         assert_eq!(h(b"HTTP/1.1 200 OK\r\n\r\n"), (200, Framing::UntilClose, true));
         assert_eq!(h(b"HTTP/1.1 204 No Content\r\n\r\n"), (204, Framing::Length(0), true));
         assert_eq!(h(b"HTTP/1.1 100 Continue\r\n\r\n").0, 100);
-        assert!(matches!(parse_head(b"HTTP/1.1 200 OK\r\nContent-Le", 100), Ok(None)));
+        assert!(matches!(parse(b"HTTP/1.1 200 OK\r\nContent-Le", 100), Ok(None)));
+        assert!(matches!(parse(b"HTTP/1.1 200 OK\r\n\r", 100), Ok(None)));
         assert!(
-            parse_head(
+            parse(
                 b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
                 100
             )
             .is_err()
         );
-        assert!(parse_head(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", 100).is_err());
-        assert!(parse_head(b"garbage\r\n\r\n", 100).is_err());
+        assert!(parse(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", 100).is_err());
+        assert!(parse(b"garbage\r\n\r\n", 100).is_err());
+        assert!(
+            parse(b"garbage\r\n", 100).is_err(),
+            "invalid before the head is complete"
+        );
+        // Bare LF line ends, and what follows the head stays in the buffer.
+        let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\nX-A: 1\n\nbody"[..]);
+        let head = parse_head(&mut buf, limits(100)).ok().flatten().expect("complete");
+        assert_eq!(head.headers.get("x-a").map(HeaderValue::as_bytes), Some(&b"1"[..]));
+        assert_eq!(&buf[..], b"body");
         // The header count limit.
         let mut many = b"HTTP/1.1 200 OK\r\n".to_vec();
         for i in 0..5 {
             many.extend_from_slice(format!("x-h{i}: v\r\n").as_bytes());
         }
         many.extend_from_slice(b"\r\n");
-        assert!(matches!(parse_head(&many, 5), Ok(Some(_))));
-        assert!(parse_head(&many, 4).is_err(), "more headers than allowed");
+        assert!(matches!(parse(&many, 5), Ok(Some(_))));
+        assert!(parse(&many, 4).is_err(), "more headers than allowed");
+        // The size limit, on complete and incomplete heads; a body may follow in the buffer.
+        let long = format!("HTTP/1.1 200 OK\r\nX-A: {}\r\n", "a".repeat(1024));
+        assert!(parse(format!("{long}\r\n").as_bytes(), 100).is_err());
+        assert!(parse(long.as_bytes(), 100).is_err());
+        let big_body = format!("HTTP/1.1 200 OK\r\nContent-Length: 4000\r\n\r\n{}", "b".repeat(4000));
+        assert!(matches!(parse(big_body.as_bytes(), 100), Ok(Some(_))));
     }
 }
