@@ -1,6 +1,6 @@
 //! Which data-plane worker the current thread is (see `server::workers`).
 //!
-//! Per-worker state (the backend pool's idle sockets, the registry's wake relays) is indexed
+//! Per-worker state (the backend pool's idle sockets, the registry's delivery relays) is indexed
 //! by it: `1..=N` on the N worker threads, `0` on every other thread.
 
 use std::cell::Cell;
