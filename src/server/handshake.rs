@@ -119,7 +119,9 @@ pub(super) async fn handle(
         return text_response(StatusCode::SERVICE_UNAVAILABLE, "route connection limit reached\n");
     }
     let path_and_query = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned();
-    let conn_id = uuid::Uuid::new_v4();
+    // A random (v4) id from the thread's CSPRNG (ChaCha, seeded from the OS): unguessable, as
+    // `Uuid::new_v4` is, without a `getrandom` system call per connection.
+    let conn_id = uuid::Builder::from_random_bytes(rand::random()).into_uuid();
     let id = conn_id.hyphenated().to_string();
     spans.set_connection_id(&id);
     let template = match RequestTemplate::new(
