@@ -718,6 +718,28 @@ fn take_line(input: &mut BytesMut) -> Result<Option<Bytes>, &'static str> {
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn idle_connections_keep_a_small_read_buffer_for_their_next_response() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let pool = H1Pool::new(Duration::from_secs(60), 4, HeadLimits::default(), 0);
+        let mut peers = Vec::new();
+        for (capacity, kept) in [(4096, true), (KEEP_BUF + 1, false)] {
+            let (stream, peer) = tokio::join!(TcpStream::connect(&addr), listener.accept());
+            peers.push(peer.expect("accept"));
+            let mut buf = BytesMut::with_capacity(capacity);
+            buf.extend_from_slice(b"left over");
+            pool.checkin(&addr, stream.expect("connect"), buf);
+            let (_, buf) = pool.checkout(&addr).expect("the idle connection");
+            assert!(buf.is_empty(), "emptied");
+            assert_eq!(
+                buf.capacity() >= capacity,
+                kept,
+                "buffer of {capacity} bytes kept: {kept}"
+            );
+        }
+    }
+
     fn decode_all(parts: &[&[u8]]) -> Result<(Vec<u8>, bool), &'static str> {
         let mut d = ChunkDecoder::default();
         let mut input = BytesMut::new();
