@@ -159,6 +159,10 @@ struct GatewayArgs {
     /// connections it accepted (0: one per CPU this process may use, cgroup quota included).
     #[arg(long, default_value_t = 0, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=1024))]
     workers: usize,
+    /// Publish jobs queued for one data-plane worker before a publish delivers on its own
+    /// thread (and the publisher goes at the pace of delivery).
+    #[arg(long, default_value_t = wsgate::grip::DEFAULT_PUBLISH_BACKLOG, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_048_576))]
+    publish_backlog: usize,
     /// Serve TLS (wss:// and https) on the client listener with this certificate chain (PEM,
     /// the server certificate first); needs --tls-key.
     #[arg(long, env = "WSGATE_TLS_CERT")]
@@ -324,6 +328,7 @@ async fn gateway(args: GatewayArgs) -> ExitCode {
         } else {
             args.workers
         },
+        publish_backlog: args.publish_backlog,
         backend_response_head: wsgate::transport::h1::HeadLimits {
             max_bytes: args.backend_max_response_head_bytes,
             max_headers: args.backend_max_response_headers,
@@ -484,6 +489,7 @@ async fn demo(args: DemoArgs) -> ExitCode {
         backend_max_response_head_bytes: 65536,
         listen_backlog: 4096,
         workers: 0,
+        publish_backlog: wsgate::grip::DEFAULT_PUBLISH_BACKLOG,
         tls_cert: None,
         tls_key: None,
         tls_reload_interval: DurationSpec::from_secs(10),

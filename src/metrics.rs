@@ -29,6 +29,7 @@
 //! | `wsgate_deliveries_total` | counter | |
 //! | `wsgate_deliveries_filtered_total` | counter | |
 //! | `wsgate_slow_consumer_drops_total` | counter | |
+//! | `wsgate_publish_backlog_full_total` | counter | |
 //! | `wsgate_subscriptions` | gauge | |
 //! | `wsgate_nats_state` | gauge (only once a source is set) | |
 //! | `wsgate_config_info` | gauge (1) | `version` (the table's exact version, as `/readyz` shows it), `source` = `static`, `file`, `control` |
@@ -782,6 +783,13 @@ pub fn render(gw: &Gateway, source: ConfigSource<'_>, format: Format) -> String 
         "Connections closed because they did not keep up with deliveries.",
     );
     e.counter(&[], get(&r.slow_consumer_drops));
+    e.family(
+        "wsgate_publish_backlog_full",
+        Kind::Counter,
+        None,
+        "Publishes that found a worker's delivery queue full (--publish-backlog) and delivered on the publishing thread.",
+    );
+    e.counter(&[], get(&r.publish_backlog_full));
     e.family(
         "wsgate_subscriptions",
         Kind::Gauge,

@@ -72,6 +72,13 @@ fn bad_config_exits_64_naming_the_field() {
     assert_eq!(out.status.code(), Some(2), "clap refuses an out-of-range value");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--workers") && err.contains("5000"), "{err}");
+
+    let out = Command::new(BIN)
+        .args(["gateway", "--backend", "http://127.0.0.1:1", "--publish-backlog", "0"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2), "a publish backlog of 0 is refused");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--publish-backlog"));
 }
 
 #[tokio::test]

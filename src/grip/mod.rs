@@ -257,11 +257,17 @@ pub struct RegistryStats {
     pub delivered: AtomicU64,
     /// Connections closed as slow consumers.
     pub slow_consumer_drops: AtomicU64,
+    /// Publishes that found a worker's delivery queue full (`--publish-backlog`) and delivered
+    /// its queued jobs on the publishing thread.
+    pub publish_backlog_full: AtomicU64,
     /// Deliveries skipped by filters.
     pub filtered: AtomicU64,
 }
 
 const SHARDS: usize = 16;
+
+/// Default of `--publish-backlog`: publish jobs queued per data-plane worker.
+pub const DEFAULT_PUBLISH_BACKLOG: usize = 4096;
 
 /// Delivers publishes to the connections of one data-plane worker, on that worker's thread.
 ///
@@ -273,9 +279,15 @@ const SHARDS: usize = 16;
 /// wakes the worker's relay task once; the relay queues the item to each mailbox and wakes
 /// each connection's task locally. Jobs run in the order they were handed over, so deliveries
 /// to a connection keep publish order.
+///
+/// The queue is bounded (`--publish-backlog`): a publish that finds it full runs the queued
+/// jobs and its own on the publishing thread, which then goes at the pace of delivery.
 #[derive(Default)]
 struct Relay {
     jobs: Mutex<Vec<Job>>,
+    /// Held while jobs taken from the queue run, so batches run one after another in order
+    /// (the relay's, or a publisher's that found the queue full).
+    running_jobs: Mutex<()>,
     task: futures_util::task::AtomicWaker,
     /// Set while the relay task runs (a job handed to a relay that doesn't run would be
     /// lost: then the publishing thread runs it).
@@ -325,9 +337,19 @@ impl Job {
 }
 
 impl Relay {
-    /// Hands `job` to the relay and wakes its task; runs it here when the relay has stopped.
-    fn submit(&self, job: Job, stats: &RegistryStats) {
-        lock(&self.jobs).push(job);
+    /// Hands `job` to the relay and wakes its task. Runs the queue here when the relay has
+    /// stopped, or when more than `backlog` jobs wait.
+    fn submit(&self, job: Job, backlog: usize, stats: &RegistryStats) {
+        let queued = {
+            let mut jobs = lock(&self.jobs);
+            jobs.push(job);
+            jobs.len()
+        };
+        if queued > backlog {
+            stats.publish_backlog_full.fetch_add(1, Ordering::Relaxed);
+            self.run_queued(stats);
+            return;
+        }
         self.task.wake();
         if !self.running.load(Ordering::Acquire) {
             // The relay stopped meanwhile (its runtime is ending): run what is left here.
@@ -335,7 +357,9 @@ impl Relay {
         }
     }
 
+    /// Runs the queued jobs on this thread, after any batch already running.
     fn run_queued(&self, stats: &RegistryStats) {
+        let _running = lock(&self.running_jobs);
         for job in std::mem::take(&mut *lock(&self.jobs)) {
             job.run(stats);
         }
@@ -362,6 +386,8 @@ pub struct Registry {
     channels: Mutex<HashMap<String, Channel>>,
     /// One per data-plane worker (index = worker - 1).
     relays: Box<[Relay]>,
+    /// Most publish jobs queued for one worker's relay.
+    backlog: usize,
     /// Counters.
     pub stats: RegistryStats,
 }
@@ -391,16 +417,18 @@ fn shard_of(id: &str) -> usize {
 impl Registry {
     /// An empty registry.
     pub fn new() -> Self {
-        Self::with_workers(0)
+        Self::with_workers(0, DEFAULT_PUBLISH_BACKLOG)
     }
 
     /// An empty registry with a delivery relay for each of `workers` data-plane workers
-    /// (each worker runs its relay with [`Self::relay`]).
-    pub fn with_workers(workers: usize) -> Self {
+    /// (each worker runs its relay with [`Self::relay`]), each queueing at most `backlog`
+    /// publish jobs (at least 1).
+    pub fn with_workers(workers: usize, backlog: usize) -> Self {
         Self {
             conns: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             channels: Mutex::new(HashMap::new()),
             relays: (0..workers).map(|_| Relay::default()).collect(),
+            backlog: backlog.max(1),
             stats: RegistryStats::default(),
         }
     }
@@ -419,6 +447,7 @@ impl Registry {
         let mut jobs = Vec::new();
         std::future::poll_fn(|cx| {
             relay.task.register(cx.waker());
+            let _running = lock(&relay.running_jobs);
             // Swapped, so the queue's and this vector's capacity are both reused.
             std::mem::swap(&mut jobs, &mut *lock(&relay.jobs));
             for job in jobs.drain(..) {
@@ -561,7 +590,7 @@ impl Registry {
                 .and_then(|i| self.relays.get(i))
                 .filter(|r| r.running.load(Ordering::Acquire))
             {
-                Some(relay) => relay.submit(job, &self.stats),
+                Some(relay) => relay.submit(job, self.backlog, &self.stats),
                 None => job.run(&self.stats),
             }
         }
@@ -643,7 +672,7 @@ mod tests {
 
     #[test]
     fn publishes_from_another_thread_reach_connections_on_workers_with_and_without_a_relay() {
-        let registry = Arc::new(Registry::with_workers(2));
+        let registry = Arc::new(Registry::with_workers(2, DEFAULT_PUBLISH_BACKLOG));
         let (a_conn, a) = worker_connection(&registry, 1, true, &["skip-self"]);
         let (_b, b) = worker_connection(&registry, 2, false, &[]);
         assert!(
@@ -708,8 +737,37 @@ mod tests {
     }
 
     #[test]
+    fn a_full_backlog_is_delivered_by_the_publisher_in_order() {
+        let registry = Registry::with_workers(1, 2);
+        let relay = &registry.relays[0];
+        // Worker 1's relay looks running but is never polled, like a worker that is busy.
+        relay.running.store(true, Ordering::Release);
+        crate::worker::set_current(1);
+        let conn = registry.register("a".into(), "r".into(), 1 << 20);
+        crate::worker::set_current(0);
+        registry.subscribe(&conn, "news", &[]);
+        let none = BTreeMap::new();
+        let drained = || {
+            let mut out = Vec::new();
+            conn.mailbox.drain(&mut out);
+            out
+        };
+        for s in ["1", "2"] {
+            assert_eq!(registry.publish("news", &none, &text(s)), 1);
+        }
+        assert_eq!(drained(), vec![], "two jobs wait for the relay");
+        assert_eq!(registry.stats.publish_backlog_full.load(Ordering::Relaxed), 0);
+        // The third finds the queue over its bound: the publisher delivers all three, in order.
+        assert_eq!(registry.publish("news", &none, &text("3")), 1);
+        assert_eq!(drained(), vec![text("1"), text("2"), text("3")]);
+        assert!(lock(&relay.jobs).is_empty());
+        assert_eq!(registry.stats.publish_backlog_full.load(Ordering::Relaxed), 1);
+        assert_eq!(registry.stats.delivered.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
     fn a_stopped_relay_hands_its_jobs_back_to_the_publisher() {
-        let registry = Registry::with_workers(1);
+        let registry = Registry::with_workers(1, DEFAULT_PUBLISH_BACKLOG);
         let relay = &registry.relays[0];
         relay.running.store(true, Ordering::Release);
         // A connection of worker 1 (whose relay looks running, but nobody polls it).

@@ -61,6 +61,9 @@ pub struct GatewaySettings {
     /// keeps idle sockets per worker. 0: connections are served on the caller's runtime
     /// ([`run`]).
     pub workers: usize,
+    /// Most publish jobs queued for one data-plane worker (`--publish-backlog`); a publish that
+    /// finds the queue full delivers on the publishing thread.
+    pub publish_backlog: usize,
     /// TLS on the client listener (`--tls-cert`/`--tls-key`): every connection starts with a
     /// TLS handshake, bounded by `handshake_timeout`. `None`: plain TCP.
     pub tls: Option<tls::ServerTls>,
@@ -80,6 +83,7 @@ impl Default for GatewaySettings {
             max_headers: 100,
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
             workers: 0,
+            publish_backlog: crate::grip::DEFAULT_PUBLISH_BACKLOG,
             tls: None,
         }
     }
@@ -151,7 +155,7 @@ impl Gateway {
                 settings.backend_response_head,
                 settings.workers,
             ),
-            registry: Arc::new(Registry::with_workers(settings.workers)),
+            registry: Arc::new(Registry::with_workers(settings.workers, settings.publish_backlog)),
             conn_limit: Arc::new(Semaphore::new(settings.max_connections)),
             settings,
             stats: GatewayStats::default(),
