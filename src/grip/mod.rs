@@ -712,11 +712,6 @@ mod tests {
         let registry = Registry::new();
         let a = registry.register("a".into(), "r".into(), 1 << 20);
         let b = registry.register("b".into(), "r".into(), 1 << 20);
-        let got = |h: &ConnHandle| {
-            let mut out = Vec::new();
-            h.mailbox.drain(&mut out);
-            out
-        };
         let none = BTreeMap::new();
         assert!(registry.subscribe(&a, "news", &[]));
         assert_eq!(registry.publish("news", &none, &text("1")), 1);
@@ -729,29 +724,38 @@ mod tests {
         );
         assert!(!registry.unsubscribe("a", "news"));
         assert_eq!(registry.publish("news", &none, &text("4")), 1, "a gone one is not");
-        assert_eq!(got(&a), vec![text("1"), text("2"), text("3")]);
-        assert_eq!(got(&b), vec![text("3"), text("4")]);
+        assert_eq!(drained(&a), vec![text("1"), text("2"), text("3")]);
+        assert_eq!(drained(&b), vec![text("3"), text("4")]);
         assert!(registry.unsubscribe("b", "news"), "the channel is empty");
         assert_eq!(registry.publish("news", &none, &text("5")), 0);
         assert!(registry.channels().is_empty());
+    }
+
+    /// A connection of worker 1 subscribed to `news`, in a registry whose worker-1 relay looks
+    /// running but is never polled (like a busy worker); the test thread stays worker 0.
+    fn unpolled_relay_connection(registry: &Registry) -> Arc<ConnHandle> {
+        registry.relays[0].running.store(true, Ordering::Release);
+        crate::worker::set_current(1);
+        let conn = registry.register("a".into(), "r".into(), 1 << 20);
+        crate::worker::set_current(0);
+        registry.subscribe(&conn, "news", &[]);
+        conn
+    }
+
+    /// What `conn`'s mailbox holds.
+    fn drained(conn: &ConnHandle) -> Vec<Delivery> {
+        let mut out = Vec::new();
+        conn.mailbox.drain(&mut out);
+        out
     }
 
     #[test]
     fn a_full_backlog_is_delivered_by_the_publisher_in_order() {
         let registry = Registry::with_workers(1, 2);
         let relay = &registry.relays[0];
-        // Worker 1's relay looks running but is never polled, like a worker that is busy.
-        relay.running.store(true, Ordering::Release);
-        crate::worker::set_current(1);
-        let conn = registry.register("a".into(), "r".into(), 1 << 20);
-        crate::worker::set_current(0);
-        registry.subscribe(&conn, "news", &[]);
+        let conn = unpolled_relay_connection(&registry);
+        let drained = || drained(&conn);
         let none = BTreeMap::new();
-        let drained = || {
-            let mut out = Vec::new();
-            conn.mailbox.drain(&mut out);
-            out
-        };
         for s in ["1", "2"] {
             assert_eq!(registry.publish("news", &none, &text(s)), 1);
         }
@@ -769,18 +773,9 @@ mod tests {
     fn a_stopped_relay_hands_its_jobs_back_to_the_publisher() {
         let registry = Registry::with_workers(1, DEFAULT_PUBLISH_BACKLOG);
         let relay = &registry.relays[0];
-        relay.running.store(true, Ordering::Release);
-        // A connection of worker 1 (whose relay looks running, but nobody polls it).
-        crate::worker::set_current(1);
-        let conn = registry.register("a".into(), "r".into(), 1 << 20);
-        crate::worker::set_current(0);
-        registry.subscribe(&conn, "news", &[]);
+        let conn = unpolled_relay_connection(&registry);
+        let drained = || drained(&conn);
         let none = BTreeMap::new();
-        let drained = || {
-            let mut out = Vec::new();
-            conn.mailbox.drain(&mut out);
-            out
-        };
         assert_eq!(registry.publish("news", &none, &text("1")), 1);
         assert_eq!(drained(), vec![], "handed to the relay, not queued yet");
         assert_eq!(registry.stats.delivered.load(Ordering::Relaxed), 0);
