@@ -444,15 +444,9 @@ impl Registry {
             relay,
             stats: &self.stats,
         };
-        let mut jobs = Vec::new();
         std::future::poll_fn(|cx| {
             relay.task.register(cx.waker());
-            let _running = lock(&relay.running_jobs);
-            // Swapped, so the queue's and this vector's capacity are both reused.
-            std::mem::swap(&mut jobs, &mut *lock(&relay.jobs));
-            for job in jobs.drain(..) {
-                job.run(&self.stats);
-            }
+            relay.run_queued(&self.stats);
             std::task::Poll::<()>::Pending
         })
         .await;

@@ -165,8 +165,8 @@ async fn exchange(
     let retryable = body.is_none();
     let mut body = body;
     if let Some((stream, buf)) = pool.checkout(authority) {
-        let mut conn = Conn::new(stream, Sender::new(head.clone(), body.take()), pool.head_limits());
-        conn.buf = buf;
+        let sender = Sender::new(head.clone(), body.take());
+        let mut conn = Conn::new(stream, buf, sender, pool.head_limits());
         match std::future::poll_fn(|cx| conn.poll_head(cx, retryable)).await {
             Ok(h) => return Ok((conn, h)),
             Err(Failure::Stale) => {}
@@ -174,7 +174,7 @@ async fn exchange(
         }
     }
     let stream = h1::connect(authority, connect_timeout).await?;
-    let mut conn = Conn::new(stream, Sender::new(head, body), pool.head_limits());
+    let mut conn = Conn::new(stream, BytesMut::new(), Sender::new(head, body), pool.head_limits());
     match std::future::poll_fn(|cx| conn.poll_head(cx, false)).await {
         Ok(h) => Ok((conn, h)),
         Err(Failure::Stale) => Err(BackendError::Failed(
@@ -340,10 +340,11 @@ struct Conn {
 }
 
 impl Conn {
-    fn new(stream: TcpStream, sender: Sender, head_limits: h1::HeadLimits) -> Self {
+    /// `buf`: the read buffer the pool kept with the socket (empty), or a new one.
+    fn new(stream: TcpStream, buf: BytesMut, sender: Sender, head_limits: h1::HeadLimits) -> Self {
         Self {
             stream,
-            buf: BytesMut::new(),
+            buf,
             sender: Some(sender),
             sent: false,
             seen: false,

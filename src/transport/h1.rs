@@ -201,8 +201,8 @@ impl H1Pool {
         }
     }
 
-    /// Sends `head` (the complete request head) and `body` to `authority` and reads the whole
-    /// response within `limits`. A reused connection that turns out closed before any response
+    /// Sends `head` (the complete request head, a small body already behind it: [`coalesce`])
+    /// and then `body` to `authority`, and reads the whole response within `limits`. A reused connection that turns out closed before any response
     /// byte arrived is replaced by a new one once (the request never reached a backend that
     /// answered it).
     pub async fn exchange(
@@ -212,7 +212,10 @@ impl H1Pool {
         body: Bytes,
         limits: ExchangeLimits,
     ) -> Result<BackendResponse, BackendError> {
-        let request = Request::new(head, body);
+        let request = Request {
+            first: head,
+            second: body,
+        };
         if let Some((stream, buf)) = self.checkout(authority) {
             match roundtrip(stream, buf, &request, &limits, self.head).await {
                 Ok((resp, keep)) => {
@@ -301,18 +304,11 @@ pub(crate) async fn connect(authority: &str, timeout: Duration) -> Result<TcpStr
     Ok(stream)
 }
 
-/// A request ready to write: the head, with the body copied behind it when small (not frozen
-/// into `Bytes`, which would allocate).
+/// A request ready to write: the head (with a small body behind it, see [`coalesce`]; not
+/// frozen into `Bytes`, which would allocate), then what is left of the body.
 struct Request {
     first: BytesMut,
     second: Bytes,
-}
-
-impl Request {
-    fn new(mut head: BytesMut, body: Bytes) -> Self {
-        let second = coalesce(&mut head, &body);
-        Self { first: head, second }
-    }
 }
 
 /// Copies `body` behind `head` when it is small enough to go out in the same write; returns
